@@ -1,0 +1,188 @@
+"""The ``s3t`` command. Heavy imports happen inside each subcommand, never at import time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("s3t_llm")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ----- simulate -------------------------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from .simulator import budget_table, default_report, format_table, plot_budget_curves
+
+    if args.config:
+        configs = []
+        for c in args.config:
+            try:
+                m, L, B = (int(x) for x in c.split(","))
+            except ValueError:
+                raise SystemExit(f"--config {c!r}: expected m,L,B (three integers)")
+            configs.append((m, L, B))
+        rows = budget_table(configs, n_trials=args.trials, seed=args.seed)
+        print(format_table(rows))
+        pairs = sorted({(m, L) for m, L, _ in configs})
+        plot_budget_curves(args.plot, pairs, n_trials=args.trials, seed=args.seed, deletion_dist=args.dist)
+    else:
+        print(default_report(n_trials=args.trials, seed=args.seed, out_png=args.plot))
+    print(f"\nplot: {Path(args.plot).resolve()}")
+    return 0
+
+
+# ----- train ----------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .run import Run
+    from .training import train_run
+
+    cfg = load_config(args.recipe, args.overrides)
+    run = Run.create(cfg)
+    t0 = time.perf_counter()
+    summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    adapters = export_best(run) if not args.no_export else {}
+    print(f"run: {run.dir.resolve()}")
+    print(f"stages: {summary['stages_trained']} trained, {summary['stages_reused']} reused "
+          f"of {summary['stages_total']} in {summary['wall_seconds']} s")
+    for shard, (name, depth) in adapters.items():
+        print(f"shard {shard}: prefix adapter {name} (blocks 1..{depth}) at {run.store.adapter_dir(name)}")
+    (run.dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+def export_best(run) -> dict[int, tuple[str, int]]:
+    """Materialise, for every shard, the prefix adapter of its longest surviving sequence (if new)."""
+    out = {}
+    for shard, (qi, depth) in run.best_prefixes().items():
+        if depth == 0:
+            continue
+        prefix = tuple(run.sequences[qi][:depth])
+        name = adapter_name(run, shard, prefix)
+        if name not in run.store.adapters():
+            run.store.materialise(name, shard, prefix, base_model=run.model_path, lora=run.lora_dict())
+        out[shard] = (name, depth)
+    return out
+
+
+def adapter_name(run, shard: int, prefix) -> str:
+    """A prefix adapter's name: run, shard, prefix and the content hashes of its blocks.
+
+    Different weights never share a name (vLLM keys its prefix cache by name)."""
+    import hashlib
+
+    h = hashlib.sha256("".join(run.store.manifest(shard, prefix[:k])["sha256"]
+                               for k in range(1, len(prefix) + 1)).encode()).hexdigest()[:8]
+    return f"{run.config.name}-s{shard}-p{'-'.join(map(str, prefix))}-{h}"
+
+
+# ----- status ---------------------------------------------------------------------------------------
+def cmd_status(args) -> int:
+    from .run import DATASET, Run
+
+    run = Run.open(args.run)
+    with run.ledger() as led:
+        info = led.dataset(DATASET)
+        deleted = led.deleted_cells(DATASET)
+    print(f"run {run.config.name}: base {run.model_path}")
+    print(f"  {info.n_samples} samples ({info.n_live} live), m={run.shards} shards x L={run.config.s3t.slices} slices, "
+          f"B={len(run.sequences)} sequences {run.sequences}")
+    print(f"  blocks (top-down layers): {run.blocks}")
+    best = run.best_prefixes()
+    for s in range(run.shards):
+        qi, depth = best[s]
+        hit = sorted(sl for (sh, sl) in deleted if sh == s)
+        state = "DEAD: needs retraining" if depth == 0 else f"serves sequence {qi} prefix {run.sequences[qi][:depth]}"
+        print(f"  shard {s}: {state}; slices with deletions: {hit or 'none'}")
+    return 0
+
+
+# ----- demo (the main job) --------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    print("== 1. deletion-rate simulator ==")
+    from .simulator import default_report
+
+    print(default_report(n_trials=args.trials, seed=0, out_png=args.plot))
+    print(f"plot: {Path(args.plot).resolve()}")
+    if args.simulate_only:
+        return 0
+    print("\n== 2. S3T training of the CPU default recipe ==")
+    from .paths import REPO_ROOT
+
+    ns = argparse.Namespace(recipe=str(REPO_ROOT / "recipes" / "cpu_smollm2.yaml"), overrides=args.overrides,
+                            shards=None, sequences=None, precision=None, no_export=False)
+    return cmd_train(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s3t", description="Exact machine unlearning for Llama models with S3T.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sp = sub.add_parser("simulate", help="deletion-rate simulator: requests served before retraining, S3T vs SISA")
+    sp.add_argument("--config", action="append", metavar="m,L,B", help="a configuration (repeatable); default: the paper's table")
+    sp.add_argument("--trials", type=int, default=2000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--dist", choices=["uniform", "zipf"], default="uniform")
+    sp.add_argument("--plot", default="simulate.png", help="PNG path for the plot")
+    sp.set_defaults(func=cmd_simulate)
+
+    sp = sub.add_parser("train", help="train (or resume) an S3T run from a YAML recipe")
+    sp.add_argument("recipe")
+    sp.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.epochs=2")
+    sp.add_argument("--shards", type=_ints, help="only these shards (for parallel jobs), e.g. 0,2")
+    sp.add_argument("--sequences", type=_ints, help="only these sequence indices")
+    sp.add_argument("--precision", choices=["8bit", "bf16", "fp32"], help="override model.precision")
+    sp.add_argument("--no-export", action="store_true", help="do not materialise the prefix adapters")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("status", help="shards, surviving prefixes and deletions of a run")
+    sp.add_argument("run", help="run directory, e.g. runs/smollm2-cpu")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("demo", help="the main job: simulator, then training of the CPU default recipe")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--trials", type=int, default=2000)
+    sp.add_argument("--plot", default="simulate.png")
+    sp.add_argument("--simulate-only", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .adapters import StoreError
+    from .config import ConfigError
+
+    known = [ConfigError, StoreError, FileNotFoundError]
+    for mod, name in (("ledger", "LedgerError"), ("records", "RecordError"), ("planner", "PlanError"),
+                      ("models", "ModelError")):
+        try:
+            known.append(getattr(__import__(f"s3t_llm.{mod}", fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    try:
+        return args.func(args) or 0
+    except tuple(known) as e:
+        print(f"s3t {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

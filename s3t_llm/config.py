@@ -1,0 +1,247 @@
+"""Typed run configuration, filled from a YAML recipe and ``section.field=value`` overrides.
+
+One dataclass per concern. Every field is type-checked and range-checked when the config is built,
+so a bad recipe fails with a ``ConfigError`` naming the field and the value before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A recipe or override with a wrong field, type or value."""
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local directory, or the embedded alias "smollm2-135m-instruct".
+    name: str = "smollm2-135m-instruct"
+    precision: Literal["8bit", "bf16", "fp32"] = "fp32"
+
+
+@dataclass
+class DataConfig:
+    # Alpaca-format JSON/JSONL file; None means ../shared/data's Alpaca, else the hub's tatsu-lab/alpaca.
+    path: str | None = None
+    # Use only this many records (a seeded random subset), None for all.
+    limit: int | None = None
+    # "alpaca": the Stanford Alpaca prompt template; "chat": the tokenizer's chat template.
+    template: Literal["alpaca", "chat"] = "alpaca"
+    max_length: int = 256
+    # Records held out of training (never registered as trainable) for evaluation; 0 for none.
+    heldout: int = 0
+
+
+@dataclass
+class S3TConfig:
+    shards: int = 2
+    slices: int = 3
+    budget: int = 2
+    method: Literal["cyclic", "bms", "random"] = "cyclic"
+    # Deletion prior over slices (length = slices), needed by method "bms".
+    prior: list[float] | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    rslora: bool = True
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    # Which decoder layers carry LoRA: "all", or the top N layers (an int).
+    layers: str | int = "all"
+    # Explicit block layout (block 1 first, nearest the output), overriding the even top-down split.
+    blocks: list[list[int]] | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    seed: int = 0
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "s3t-run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    s3t: S3TConfig = field(default_factory=S3TConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        _check(re.fullmatch(r"[A-Za-z0-9._-]+", self.name) is not None, "name", self.name,
+               "use letters, digits, '.', '_' or '-'")
+        s = self.s3t
+        for f in ("shards", "slices", "budget"):
+            _check(getattr(s, f) >= 1, f"s3t.{f}", getattr(s, f), "must be >= 1")
+        if s.method == "bms":
+            _check(s.prior is not None and len(s.prior) == s.slices, "s3t.prior", s.prior,
+                   f"method 'bms' needs a prior of length s3t.slices={s.slices}")
+        _check(self.lora.r >= 1, "lora.r", self.lora.r, "must be >= 1")
+        _check(self.lora.alpha > 0, "lora.alpha", self.lora.alpha, "must be > 0")
+        _check(0.0 <= self.lora.dropout < 1.0, "lora.dropout", self.lora.dropout, "must be in [0, 1)")
+        bad = [m for m in self.lora.target_modules if m not in PROJECTIONS]
+        _check(not bad and self.lora.target_modules, "lora.target_modules", self.lora.target_modules,
+               f"must be a non-empty subset of {list(PROJECTIONS)}")
+        if isinstance(self.lora.layers, str):
+            _check(self.lora.layers == "all", "lora.layers", self.lora.layers, "must be 'all' or an int")
+        else:
+            _check(self.lora.layers >= 1, "lora.layers", self.lora.layers, "must be >= 1")
+        _check(self.data.max_length >= 16, "data.max_length", self.data.max_length, "must be >= 16")
+        _check(self.data.limit is None or self.data.limit >= 1, "data.limit", self.data.limit, "must be >= 1")
+        _check(self.data.heldout >= 0, "data.heldout", self.data.heldout, "must be >= 0")
+        t = self.train
+        _check(t.epochs > 0, "train.epochs", t.epochs, "must be > 0")
+        _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
+        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+        _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+        return self
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: {why}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name}={value!r}: expected {_tname(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r}: must be one of {list(args)}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}={value!r}: expected null")
+        return None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}={value!r}: expected a list")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected true/false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _tname(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown field(s) {', '.join(where + u for u in unknown)}; known: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected section.field=value")
+        key, raw = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(recipe: str | Path | dict | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated ``RunConfig`` from a YAML recipe (path or dict) plus overrides."""
+    import yaml
+
+    if recipe is None:
+        data: dict = {}
+    elif isinstance(recipe, dict):
+        data = recipe
+    else:
+        p = Path(recipe)
+        if not p.exists():
+            raise ConfigError(f"recipe {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {p}: top level must be a mapping")
+    data = apply_overrides(_deepcopy(data), overrides or [])
+    return _build(RunConfig, data, "").validate()
+
+
+def _deepcopy(d: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(d)

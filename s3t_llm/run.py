@@ -1,0 +1,219 @@
+"""A run: one config, one ledger, one plan of sequences, one adapter store, in one directory.
+
+``runs/<name>/run.json`` freezes what must never change under a trained run (the base model and its
+fingerprint, the block layout, the sequences per shard, the dataset registration); the ledger records
+the samples' cells and deletions; the store holds the blocks. Everything the deletion module and the
+server need is derived from these three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapters import AdapterStore
+from .config import ConfigError, RunConfig, load_config
+from .ledger import Ledger
+from .paths import alpaca_path
+
+logger = logging.getLogger(__name__)
+
+DATASET = "train"
+RUN_FILE = "run.json"
+
+
+def split_blocks(layers: list[int], n_blocks: int) -> list[list[int]]:
+    """Split LoRA layers into ``n_blocks`` contiguous blocks, top-down: block 1 is nearest the output."""
+    if n_blocks > len(layers):
+        raise ConfigError(f"s3t.slices={n_blocks} is larger than the {len(layers)} LoRA layers; "
+                          "each slice needs its own block of at least one layer")
+    top_down = sorted(layers, reverse=True)
+    q, r = divmod(len(top_down), n_blocks)
+    out, i = [], 0
+    for b in range(n_blocks):
+        n = q + (1 if b < r else 0)
+        out.append(sorted(top_down[i:i + n]))
+        i += n
+    return out
+
+
+def block_layout(cfg: RunConfig, num_layers: int) -> list[list[int]]:
+    L = cfg.s3t.slices
+    if cfg.lora.blocks is not None:
+        blocks = [list(b) for b in cfg.lora.blocks]
+        if len(blocks) != L:
+            raise ConfigError(f"lora.blocks has {len(blocks)} blocks but s3t.slices={L}")
+        flat = [i for b in blocks for i in b]
+        if any(not b for b in blocks) or len(set(flat)) != len(flat):
+            raise ConfigError(f"lora.blocks={blocks}: blocks must be non-empty and disjoint")
+        bad = [i for i in flat if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"lora.blocks names layers {bad} outside 0..{num_layers - 1}")
+        return [sorted(b) for b in blocks]
+    n = num_layers if cfg.lora.layers == "all" else int(cfg.lora.layers)
+    if n > num_layers:
+        raise ConfigError(f"lora.layers={n} but the model has {num_layers} layers")
+    return split_blocks(list(range(num_layers - n, num_layers)), L)
+
+
+def load_training_records(cfg: RunConfig) -> tuple[list[dict], list[dict], str]:
+    """The records a run trains on and the held-out records, plus a description of the source."""
+    from .records import load_records
+
+    if cfg.data.path:
+        records, source = load_records(cfg.data.path), str(cfg.data.path)
+    elif alpaca_path().exists():
+        records, source = load_records(alpaca_path()), str(alpaca_path())
+    else:  # pragma: no cover - needs the hub
+        from datasets import load_dataset
+
+        ds = load_dataset("tatsu-lab/alpaca", split="train")
+        records = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in ds]
+        source = "hub:tatsu-lab/alpaca"
+    idx = list(range(len(records)))
+    rng = random.Random(cfg.s3t.seed)
+    need = cfg.data.limit + cfg.data.heldout if cfg.data.limit else len(records)
+    if need > len(records):
+        raise ConfigError(f"data.limit + data.heldout = {need} exceeds the {len(records)} records of {source}")
+    if need < len(records):
+        idx = sorted(rng.sample(idx, need))
+    if cfg.data.heldout >= len(idx):
+        raise ConfigError(f"data.heldout={cfg.data.heldout} leaves no training records of {len(idx)}")
+    shuffled = list(idx)
+    rng.shuffle(shuffled)
+    held = set(shuffled[:cfg.data.heldout])
+    train = [records[i] for i in idx if i not in held]
+    heldout = [records[i] for i in sorted(held)]
+    return train, heldout, source
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: RunConfig
+    info: dict
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.dir / "ledger.sqlite"
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.ledger_path)
+
+    @property
+    def store(self) -> AdapterStore:
+        return AdapterStore(self.dir)
+
+    @property
+    def model_path(self) -> str:
+        return self.info["model_path"]
+
+    @property
+    def blocks(self) -> list[list[int]]:
+        return self.info["blocks"]
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [list(s) for s in self.info["sequences"]]
+
+    @property
+    def shards(self) -> int:
+        return self.config.s3t.shards
+
+    def lora_dict(self) -> dict:
+        c = self.config.lora
+        return {"r": c.r, "alpha": c.alpha, "rslora": c.rslora, "target_modules": list(c.target_modules),
+                "dropout": c.dropout}
+
+    def heldout(self) -> list[dict]:
+        p = self.dir / "heldout.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    # ----- creation / opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "Run":
+        d = Path(run_dir)
+        f = d / RUN_FILE
+        if not f.exists():
+            raise FileNotFoundError(f"{d} is not an s3t run (no {RUN_FILE}); train one with `s3t train RECIPE`")
+        info = json.loads(f.read_text())
+        return cls(d, load_config(info["config"]), info)
+
+    @classmethod
+    def create(cls, cfg: RunConfig) -> "Run":
+        """Create the run directory, or reopen it if the frozen parts agree with ``cfg``."""
+        from .models import check_llama, fingerprint, load_config as load_model_config, resolve_model
+        from .planner import plan_sequences
+
+        d = cfg.run_dir
+        model_path = resolve_model(cfg.model.name)
+        num_layers = check_llama(load_model_config(model_path))
+        blocks = block_layout(cfg, num_layers)
+        s = cfg.s3t
+        seqs = [list(x) for x in plan_sequences(s.slices, s.budget, method=s.method, prior=s.prior, seed=s.seed)]
+        info = {"config": cfg.to_dict(), "model_path": model_path, "base_fingerprint": fingerprint(model_path),
+                "num_layers": num_layers, "blocks": blocks, "sequences": seqs, "dataset": DATASET}
+        f = d / RUN_FILE
+        if f.exists():
+            old = json.loads(f.read_text())
+            frozen = ("base_fingerprint", "blocks", "sequences")
+            changed = [k for k in frozen if old.get(k) != info[k]]
+            oc, nc = old["config"], info["config"]
+            for sec in ("s3t", "lora", "data", "model"):
+                if oc.get(sec) != nc.get(sec):
+                    changed.append(sec)
+            if changed:
+                raise ConfigError(f"run {d} exists with a different {', '.join(changed)}; "
+                                  "choose a new name= or output_dir= for a new run")
+            # train.* may change between resumptions only if nothing was trained; keep the original.
+            return cls.open(d)
+        d.mkdir(parents=True, exist_ok=True)
+        train, heldout, source = load_training_records(cfg)
+        with Ledger(d / "ledger.sqlite") as led:
+            res = led.register(DATASET, train, m=s.shards, L=s.slices, seed=s.seed, source=source)
+        logger.info("registered %d samples (%d duplicates collapsed) from %s in %.1fs",
+                    res.n_new, res.n_duplicates_collapsed, source, res.seconds)
+        tmp = d / "heldout.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in heldout))
+        tmp.replace(d / "heldout.jsonl")
+        info["source"] = source
+        tmpf = d / (RUN_FILE + ".tmp")
+        tmpf.write_text(json.dumps(info, indent=2))
+        tmpf.replace(f)  # run.json last: its presence means the run is fully set up
+        return cls(d, cfg, info)
+
+    # ----- state ----------------------------------------------------------------------------------
+    def slice_hashes(self) -> dict[tuple[int, int], str]:
+        with self.ledger() as led:
+            return led.slice_hashes(DATASET)
+
+    def block_is_valid(self, shard: int, prefix, hashes: dict | None = None) -> bool:
+        """A block is valid iff it exists and every slice it was trained on is unchanged since."""
+        store = self.store
+        if not store.has_block(shard, prefix):
+            return False
+        hashes = hashes if hashes is not None else self.slice_hashes()
+        man = store.manifest(shard, prefix)
+        return all(hashes[(shard, int(sl))] == h for sl, h in man["slice_hashes"].items())
+
+    def surviving_prefix(self, shard: int, seq: list[int], hashes: dict | None = None) -> int:
+        hashes = hashes if hashes is not None else self.slice_hashes()
+        k = 0
+        while k < len(seq) and self.block_is_valid(shard, tuple(seq[:k + 1]), hashes):
+            k += 1
+        return k
+
+    def best_prefixes(self) -> dict[int, tuple[int, int]]:
+        """For each shard: (index of the sequence with the longest valid prefix, its length)."""
+        hashes = self.slice_hashes()
+        out = {}
+        for s in range(self.shards):
+            lens = [self.surviving_prefix(s, seq, hashes) for seq in self.sequences]
+            best = max(range(len(lens)), key=lambda i: (lens[i], -i))
+            out[s] = (best, lens[best])
+        return out

@@ -1,0 +1,275 @@
+"""Stage training: for each shard and sequence, a stack of LoRA blocks trained one stage at a time.
+
+Stage k of sequence pi trains ONLY block k's LoRA tensors (a TRL ``SFTTrainer`` with a fresh optimizer)
+on the live samples of slices pi_1..pi_k, with blocks 1..k-1 loaded frozen from the store and blocks
+k+1..L zeroed (a zero LoRA B matrix adds exactly 0.0, so they are absent, not approximately absent).
+The stage's result is a deterministic function of (seed, shard, prefix, the prefix's data, blocks 1..k-1):
+it cannot depend on later slices, and a resumed run reproduces it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .adapters import layer_of
+from .prompts import to_example
+from .run import DATASET, Run
+
+logger = logging.getLogger(__name__)
+
+
+def stage_seed(seed: int, shard: int, prefix) -> int:
+    h = hashlib.sha256(f"s3t-stage:{seed}:{shard}:{'-'.join(map(str, prefix))}".encode()).hexdigest()
+    return int(h[:8], 16) % (2**31 - 1)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _wait_for_everyone() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _block_lock(path: Path):
+    """An exclusive lock per block so parallel jobs never train the same block twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class StageTrainer:
+    """Holds one base model with LoRA on every block's layers and trains stages on it."""
+
+    def __init__(self, run: Run, precision: str | None = None):
+        from peft import LoraConfig, get_peft_model
+
+        from .models import load_base
+
+        self.run = run
+        cfg = run.config
+        self.precision = precision or cfg.model.precision
+        base, self.tokenizer = load_base(run.model_path, self.precision, for_training=True)
+        all_layers = sorted(i for b in run.blocks for i in b)
+        lc = cfg.lora
+        self.lora_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, use_rslora=lc.rslora,
+                                      target_modules=list(lc.target_modules), layers_to_transform=all_layers,
+                                      layers_pattern="layers", bias="none", task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, self.lora_config)
+        layer_to_block = {i: b for b, layers in enumerate(run.blocks, start=1) for i in layers}
+        # Block membership by parsed layer index (never by substring match on names).
+        self.block_params: dict[int, list[tuple[str, object]]] = {b: [] for b in range(1, len(run.blocks) + 1)}
+        self.lora_modules: dict[int, list[tuple[str, object]]] = {b: [] for b in self.block_params}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(False)
+            if "lora_" in name:
+                self.block_params[layer_to_block[layer_of(name)]].append((name, p))
+        from peft.tuners.lora import LoraLayer
+
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                self.lora_modules[layer_to_block[layer_of(name)]].append((name, mod))
+        if any(not v for v in self.block_params.values()):
+            raise RuntimeError("a block has no LoRA parameters; check lora.target_modules and the block layout")
+
+    # ----- adapter state --------------------------------------------------------------------------
+    @staticmethod
+    def _saved_key(param_name: str) -> str:
+        # PEFT's saved-adapter naming: the adapter name ("default") is dropped.
+        return param_name.replace(".default.", ".")
+
+    def block_tensors(self, block: int) -> dict:
+        return {self._saved_key(n): p.detach().clone().cpu() for n, p in self.block_params[block]}
+
+    def set_stack(self, shard: int, prefix: tuple[int, ...], *, fresh_top: bool, seed: int = 0) -> None:
+        """Load blocks 1..k-1 (k = len(prefix)) from the store, zero blocks > k, and set block k.
+
+        ``fresh_top``: initialise block k as PEFT does (A random under ``seed``, B = 0) for training;
+        otherwise load it from the store too (for evaluation of a finished prefix).
+        """
+        import torch
+
+        store = self.run.store
+        k = len(prefix)
+        with torch.no_grad():
+            for b in self.block_params:
+                if b < k or (b == k and not fresh_top):
+                    saved = store.load_block(shard, prefix[:b])
+                    params = dict(self.block_params[b])
+                    names = {self._saved_key(n): n for n in params}
+                    if set(saved) != set(names):
+                        raise RuntimeError(f"stored block {b} of shard {shard} does not match the model's LoRA layout")
+                    for key, t in saved.items():
+                        params[names[key]].copy_(t.to(params[names[key]].dtype))
+                elif b == k:
+                    torch.manual_seed(seed)
+                    for _, mod in sorted(self.lora_modules[b], key=lambda x: x[0]):
+                        mod.reset_lora_parameters("default", True)
+                else:
+                    for _, p in self.block_params[b]:
+                        p.zero_()
+
+    # ----- one stage ------------------------------------------------------------------------------
+    def stage_examples(self, shard: int, prefix) -> tuple[list[dict], dict[str, str], list[str]]:
+        with self.run.ledger() as led:
+            hashes = {str(sl): led.slice_hash(DATASET, shard, sl) for sl in prefix}
+            examples, ids = [], []
+            for sl in prefix:
+                for sid, rec in led.slice_samples(DATASET, shard, sl):
+                    examples.append(to_example(rec, self.run.config.data.template, self.tokenizer))
+                    ids.append(sid)
+        return examples, hashes, ids
+
+    def train_stage(self, shard: int, prefix: tuple[int, ...], *, verify_frozen: bool = True) -> dict:
+        """Train block len(prefix) of ``shard`` on the cumulative data of ``prefix``; store it; return its manifest."""
+        import torch
+        import datasets
+        from datasets import Dataset
+        from transformers import PrinterCallback
+        from trl import SFTConfig, SFTTrainer
+
+        datasets.disable_progress_bars()
+
+        run, cfg = self.run, self.run.config
+        prefix = tuple(int(x) for x in prefix)
+        k = len(prefix)
+        seed = stage_seed(cfg.train.seed, shard, prefix)
+        examples, hashes, ids = self.stage_examples(shard, prefix)
+        if not examples:
+            raise RuntimeError(f"shard {shard} prefix {prefix} has no live samples to train on")
+        self.set_stack(shard, prefix, fresh_top=True, seed=seed)
+        for b, params in self.block_params.items():
+            for _, p in params:
+                p.requires_grad_(b == k)
+        frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
+
+        t = cfg.train
+        tmp = Path(tempfile.mkdtemp(prefix=".trainer-", dir=run.dir))
+        try:
+            args = SFTConfig(
+                output_dir=str(tmp), num_train_epochs=t.epochs, max_steps=t.max_steps,
+                per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # float < 1: a ratio (transformers v5)
+               
+                weight_decay=t.weight_decay, seed=seed, data_seed=seed, logging_steps=t.logging_steps,
+                save_strategy="no", report_to=[], disable_tqdm=True, max_length=cfg.data.max_length,
+                gradient_checkpointing=t.gradient_checkpointing, bf16=False, fp16=False,
+                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                completion_only_loss=True, packing=False,
+            )
+            trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_list(examples),
+                                 processing_class=self.tokenizer)
+            trainer.remove_callback(PrinterCallback)  # our own progress bar reports each stage
+            n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
+            t0 = time.perf_counter()
+            out = trainer.train()
+            seconds = time.perf_counter() - t0
+            del trainer  # drops the optimizer state: it never outlives the stage
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        if verify_frozen:
+            # The invariant of exact unlearning: nothing but block k moved.
+            moved = [n for b, ps in self.block_params.items() if b != k for n, p in ps
+                     if not torch.equal(p.detach(), frozen_before[n])]
+            if moved:
+                raise RuntimeError(f"stage {k} changed frozen LoRA tensors: {moved[:3]}")
+        for _, p in self.block_params[k]:
+            p.requires_grad_(False)
+
+        # A deletion that arrived during training invalidates what was just trained: do not store it.
+        _, hashes_after, _ = self.stage_examples(shard, prefix)
+        if hashes_after != hashes:
+            raise StaleStageError(f"slices of shard {shard} prefix {prefix} changed during training")
+        lc = cfg.lora
+        manifest = {
+            "block": k, "layers": run.blocks[k - 1], "slices": list(prefix), "slice_hashes": hashes,
+            "n_samples": len(examples), "samples_digest": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "base_model": run.model_path, "base_fingerprint": run.info["base_fingerprint"],
+            "precision": self.precision,
+            "lora": {"r": lc.r, "alpha": lc.alpha, "rslora": lc.rslora, "dropout": lc.dropout,
+                     "target_modules": list(lc.target_modules)},
+            "seed": seed, "train_loss": float(out.training_loss), "steps": int(out.global_step),
+            "tokens": n_tokens * max(1, round(t.epochs)), "seconds": seconds,
+        }
+        if is_main_process():
+            manifest = run.store.write_block(shard, prefix, self.block_tensors(k), manifest)
+        _wait_for_everyone()
+        return manifest
+
+
+class StaleStageError(RuntimeError):
+    pass
+
+
+def stage_plan(run: Run, shards: list[int] | None = None, sequences: list[int] | None = None):
+    """The (shard, prefix) stages to train, in order: each sequence's prefixes, shared prefixes once."""
+    seen, out = set(), []
+    for s in shards if shards is not None else range(run.shards):
+        for qi, seq in enumerate(run.sequences):
+            if sequences is not None and qi not in sequences:
+                continue
+            for k in range(1, len(seq) + 1):
+                key = (s, tuple(seq[:k]))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(key)
+    return out
+
+
+def train_run(run: Run, *, shards: list[int] | None = None, sequences: list[int] | None = None,
+              precision: str | None = None, progress: bool = True) -> dict:
+    """Train every missing or stale block of ``run``; returns a summary.
+
+    Resumable: a finished block (its manifest is written last, atomically) whose slices are unchanged is
+    kept; anything else is (re)trained from the first unfinished stage.
+    """
+    from tqdm.auto import tqdm
+
+    n_clean = run.store.clean_staging()
+    if n_clean:
+        logger.info("removed %d partial artifacts from an interrupted run", n_clean)
+    plan = stage_plan(run, shards, sequences)
+    hashes = run.slice_hashes()
+    todo = [(s, p) for s, p in plan if not run.block_is_valid(s, p, hashes)]
+    summary = {"stages_total": len(plan), "stages_reused": len(plan) - len(todo), "stages_trained": 0,
+               "tokens": 0, "seconds": 0.0, "blocks": []}
+    if not todo:
+        return summary
+    trainer = StageTrainer(run, precision)
+    bar = tqdm(todo, desc="S3T stages", unit="stage", disable=not progress)
+    for shard, prefix in bar:
+        bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))}")
+        lock = run.store.blocks_dir / f"shard{shard}" / f".lock-{'-'.join(map(str, prefix))}"
+        with _block_lock(lock):
+            # Another job may have trained it while we waited for the lock; a parent may have gone stale.
+            hashes = run.slice_hashes()
+            if run.block_is_valid(shard, prefix, hashes):
+                continue
+            if len(prefix) > 1 and not run.block_is_valid(shard, prefix[:-1], hashes):
+                logger.warning("skipping shard %d prefix %s: its parent block is not valid", shard, prefix)
+                continue
+            man = trainer.train_stage(shard, prefix)
+        summary["stages_trained"] += 1
+        summary["tokens"] += man["tokens"]
+        summary["seconds"] += man["seconds"]
+        summary["blocks"].append({"shard": shard, "prefix": list(prefix), "loss": man["train_loss"],
+                                  "seconds": round(man["seconds"], 2)})
+        bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))} loss {man['train_loss']:.3f}")
+    return summary
