@@ -31,6 +31,7 @@ import numpy as np
 __all__ = [
     "PlanError",
     "METHODS",
+    "DEFAULT_T",
     "cyclic_sequences",
     "bms_sequences",
     "random_sequences",
@@ -43,6 +44,11 @@ __all__ = [
 ]
 
 METHODS = ("cyclic", "bms", "random")
+
+#: Default exponent ``t`` of the BMS score, as in the authors' ``get_score``. With ``t = 1`` the
+#: objective is degenerate: every Latin square of sequences has the same total score
+#: ``sum_i i * (L - i)``, so the matchings at ``B = L`` would be arbitrary ties.
+DEFAULT_T = 100.0
 
 
 class PlanError(ValueError):
@@ -219,7 +225,7 @@ def _single_score(seq: Sequence[int], p: np.ndarray, t: float) -> float:
 
 
 def bms_sequences(
-    prior: Sequence[float], B: int, t: float = 1.0, seed: int = 0
+    prior: Sequence[float], B: int, t: float = DEFAULT_T, seed: int = 0
 ) -> list[tuple[int, ...]]:
     """Algorithm 2 (bipartite-matching selection) for a deletion prior over slices.
 
@@ -248,9 +254,13 @@ def bms_sequences(
 
     Output is round-major, each round in order of first slice.
 
-    ``t`` sharpens the penalty on cumulative deletion mass (the authors' code uses ``t=100``;
-    ``t=1`` is the plain expected-survival weighting). ``seed`` is accepted for signature
-    uniformity with the other planners; the algorithm is deterministic and ignores it.
+    ``t`` sharpens the penalty on cumulative deletion mass; the default :data:`DEFAULT_T` is the
+    authors' ``t=100``. ``t=1`` is degenerate at ``B=L`` (all Latin squares score the same) and
+    only decides which slices the kept rows get when ``B<L``; any ``t>1`` prefers to give the
+    least likely remaining slice to the sequence that is already safest.
+
+    ``seed`` is accepted for signature uniformity with the other planners; the algorithm is
+    deterministic and ignores it.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -325,7 +335,7 @@ def random_sequences(L: int, B: int, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def sequence_score(
-    seqs: Iterable[Sequence[int]], prior: Sequence[float], t: float = 1.0
+    seqs: Iterable[Sequence[int]], prior: Sequence[float], t: float = DEFAULT_T
 ) -> float:
     """The BMS objective: ``sum_seq sum_i i * (1 - sum_{l<=i} p_{seq_l})**t`` (1-based ``i``).
 
@@ -348,7 +358,7 @@ def plan_sequences(
     B: int,
     method: str = "cyclic",
     prior: Sequence[float] | None = None,
-    t: float = 1.0,
+    t: float = DEFAULT_T,
     seed: int = 0,
 ) -> list[tuple[int, ...]]:
     """Dispatch to a planner. ``method`` is one of ``cyclic``, ``bms``, ``random``.

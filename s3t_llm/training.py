@@ -177,6 +177,12 @@ class StageTrainer:
                                  processing_class=self.tokenizer)
             trainer.remove_callback(PrinterCallback)  # our own progress bar reports each stage
             n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
+            # TRL drops examples whose completion is entirely cut off by max_length: say so.
+            n_used = len(trainer.train_dataset)
+            if n_used < len(examples):
+                logger.warning("shard %d prefix %s: %d of %d examples have no completion token within "
+                               "data.max_length=%d and are skipped", shard, prefix, len(examples) - n_used,
+                               len(examples), cfg.data.max_length)
             t0 = time.perf_counter()
             out = trainer.train()
             seconds = time.perf_counter() - t0
@@ -200,7 +206,7 @@ class StageTrainer:
         lc = cfg.lora
         manifest = {
             "block": k, "layers": run.blocks[k - 1], "slices": list(prefix), "slice_hashes": hashes,
-            "n_samples": len(examples), "samples_digest": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "n_samples": len(examples), "n_used": n_used, "samples_digest": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
             "base_model": run.model_path, "base_fingerprint": run.info["base_fingerprint"],
             "precision": self.precision,
             "lora": {"r": lc.r, "alpha": lc.alpha, "rslora": lc.rslora, "dropout": lc.dropout,
