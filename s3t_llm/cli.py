@@ -64,27 +64,10 @@ def cmd_train(args) -> int:
 
 def export_best(run) -> dict[int, tuple[str, int]]:
     """Materialise, for every shard, the prefix adapter of its longest surviving sequence (if new)."""
-    out = {}
-    for shard, (qi, depth) in run.best_prefixes().items():
-        if depth == 0:
-            continue
-        prefix = tuple(run.sequences[qi][:depth])
-        name = adapter_name(run, shard, prefix)
-        if name not in run.store.adapters():
-            run.store.materialise(name, shard, prefix, base_model=run.model_path, lora=run.lora_dict())
-        out[shard] = (name, depth)
-    return out
+    from .deletion import materialise_plan, serving_plan
 
-
-def adapter_name(run, shard: int, prefix) -> str:
-    """A prefix adapter's name: run, shard, prefix and the content hashes of its blocks.
-
-    Different weights never share a name (vLLM keys its prefix cache by name)."""
-    import hashlib
-
-    h = hashlib.sha256("".join(run.store.manifest(shard, prefix[:k])["sha256"]
-                               for k in range(1, len(prefix) + 1)).encode()).hexdigest()[:8]
-    return f"{run.config.name}-s{shard}-p{'-'.join(map(str, prefix))}-{h}"
+    routing = materialise_plan(run, serving_plan(run))
+    return {s: (e["name"], e["depth"]) for s, e in routing.items() if e is not None}
 
 
 # ----- status ---------------------------------------------------------------------------------------
@@ -106,6 +89,74 @@ def cmd_status(args) -> int:
         state = "DEAD: needs retraining" if depth == 0 else f"serves sequence {qi} prefix {run.sequences[qi][:depth]}"
         print(f"  shard {s}: {state}; slices with deletions: {hit or 'none'}")
     return 0
+
+
+# ----- serve / delete -------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from .serving import serve
+
+    serve(args.run, host=args.host, port=args.port, vllm_port=args.vllm_port, dead_shard=args.dead_shard,
+          retrain=args.retrain, token=args.token)
+    return 0
+
+
+def _deletion_ids(values: list[str]) -> list[str]:
+    from .records import load_sample_ids
+
+    if len(values) == 1 and Path(values[0]).is_file():
+        return load_sample_ids(values[0])
+    return load_sample_ids(values)
+
+
+def cmd_delete(args) -> int:
+    import requests
+
+    from .run import Run
+    from .serving import SERVE_FILE
+
+    run = Run.open(args.run)
+    ids = _deletion_ids(args.ids)
+    if args.offline:
+        from .deletion import apply_deletion
+
+        cert = apply_deletion(run, ids, request_id=args.request_id)
+        _print_deletion(cert["request_id"], cert["noop"], cert["served_changes"], cert["dead_shards"],
+                        cert["deletion_to_effect_seconds"], str(run.dir / "certificates" / f"{cert['request_id']}.json"))
+        return 0
+    sf = run.dir / SERVE_FILE
+    if not sf.exists():
+        raise FileNotFoundError(f"run {run.config.name} is not serving (no {sf}); start it with `s3t serve {args.run}` "
+                                "or apply the deletion to the stored run with --offline")
+    info = json.loads(sf.read_text())
+    token = args.token or info["token"]
+    try:
+        r = requests.post(f"{info['url']}/s3t/delete", json={"ids": ids, "request_id": args.request_id},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=3600)
+    except requests.ConnectionError:
+        raise FileNotFoundError(f"run {run.config.name} is not serving: nothing answers at {info['url']}") from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"error": {"message": r.text[:500]}}
+    if r.status_code != 200:
+        print(f"s3t delete: error ({r.status_code}): {body.get('error', {}).get('message', body)}", file=sys.stderr)
+        return 2
+    _print_deletion(body["request_id"], body["noop"], body["served_changes"], body["dead_shards"],
+                    body["deletion_to_effect_seconds"], body["certificate"])
+    return 0
+
+
+def _print_deletion(rid, noop, changes, dead, seconds, cert) -> None:
+    if noop:
+        print(f"request {rid}: every sample was already deleted; nothing changed")
+    for c in changes:
+        print(f"request {rid}: shard {c['shard']}: {c['from']} (depth {c['from_depth']}) -> "
+              f"{c['to'] or 'nothing (needs retraining)'}" + (f" (depth {c['to_depth']})" if c['to'] else ""))
+    if not changes and not noop:
+        print(f"request {rid}: no served adapter depended on these samples; nothing switched")
+    if dead:
+        print(f"request {rid}: shards {dead} have no surviving prefix and need retraining")
+    print(f"request {rid}: effective {seconds:.2f} s after it was received; certificate {cert}")
 
 
 # ----- demo (the main job) --------------------------------------------------------------------------
@@ -151,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run", help="run directory, e.g. runs/smollm2-cpu")
     sp.set_defaults(func=cmd_status)
 
+    sp = sub.add_parser("serve", help="serve a run: vLLM multi-LoRA + the S3T gateway (Ctrl-C stops both)")
+    sp.add_argument("run")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--vllm-port", type=int, help="vLLM's own port (loopback); default: a free one")
+    sp.add_argument("--dead-shard", choices=["none", "base"], default="none",
+                    help="what a shard with no surviving prefix serves (default: nothing)")
+    sp.add_argument("--retrain", action="store_true", help="retrain dead shards in the background")
+    sp.add_argument("--token", help="deletion API token (default: a random one, written to serve.json)")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("delete", help="delete samples from a serving run (ids, or a JSON/JSONL/text file of ids)")
+    sp.add_argument("run")
+    sp.add_argument("--ids", nargs="+", required=True, metavar="FILE|ID")
+    sp.add_argument("--request-id", help="idempotency key (default: a fresh uuid)")
+    sp.add_argument("--token", help="deletion API token (default: from the run's serve.json)")
+    sp.add_argument("--offline", action="store_true",
+                    help="apply to the stored run without a server (the next `s3t serve` serves the result)")
+    sp.set_defaults(func=cmd_delete)
+
     sp = sub.add_parser("demo", help="the main job: simulator, then training of the CPU default recipe")
     sp.add_argument("overrides", nargs="*")
     sp.add_argument("--trials", type=int, default=2000)
@@ -164,10 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "bitsandbytes"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from .adapters import StoreError
     from .config import ConfigError
 
-    known = [ConfigError, StoreError, FileNotFoundError]
+    from .serving import ServingError
+
+    known = [ConfigError, StoreError, FileNotFoundError, ServingError]
     for mod, name in (("ledger", "LedgerError"), ("records", "RecordError"), ("planner", "PlanError"),
                       ("models", "ModelError")):
         try:

@@ -206,7 +206,7 @@ class StageTrainer:
         lc = cfg.lora
         manifest = {
             "block": k, "layers": run.blocks[k - 1], "slices": list(prefix), "slice_hashes": hashes,
-            "n_samples": len(examples), "n_used": n_used, "samples_digest": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "n_samples": len(examples), "n_used": n_used, "sample_ids": ids,
             "base_model": run.model_path, "base_fingerprint": run.info["base_fingerprint"],
             "precision": self.precision,
             "lora": {"r": lc.r, "alpha": lc.alpha, "rslora": lc.rslora, "dropout": lc.dropout,

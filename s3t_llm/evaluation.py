@@ -1,0 +1,1102 @@
+"""Zero-shot multiple-choice evaluation: task specs, scorers (HF / vLLM) and the shard ensemble.
+
+Tasks are small YAML specs (``eval/tasks/*.yaml``; more directories through ``S3T_EVAL_TASKS``,
+``os.pathsep``-separated) that name a data file and say how a record becomes a prompt, its choices and
+its gold answer. A new benchmark needs a YAML file, no code. Spec keys:
+
+``name``            task name (required)
+``path``            data file(s): relative to the shared data dir (``paths.shared_data_dir()``), relative to
+                    the spec's own folder, or absolute; a glob or a list of them. Or ``hub: {path, name, split}``
+                    for ``datasets.load_dataset`` (users with hub access).
+``format``          ``jsonl`` | ``json`` | ``csv`` | ``hellaswag_txt`` (default: from the file suffix)
+``records_key``     (json) the key holding the list when the file is an object
+``csv_columns``     (csv) column names for a file without a header row
+``labels_path``     an aligned file with one label per line, stored in field ``labels_field`` (default ``label``)
+``path_fields``     ``{field: regex}``: group 1 of the regex applied to the file name becomes a record field
+``prompt``          template of the context: ``{field}``, dotted access ``{question.stem}``, list index
+                    ``{choices.0}``, filters ``{x|strip}`` ``|lower`` ``|upper`` ``|capitalize`` ``|spaces``
+                    (underscores to spaces); ``{{`` and ``}}`` are literal braces
+``description``     template prepended to the prompt (lm-eval's ``description``)
+``choices``         a field holding a list (``question.choices.text`` maps over a list of dicts), or a list of
+                    templates (``["{sol1}", "{sol2}"]``, ``["no", "yes"]``)
+``gold``            field holding the answer: an int index, a bool (false=0, true=1), a digit string, or
+                    (with ``gold_index_of``) a value to look up in another list field, or (with ``gold_map``)
+                    a key of a ``{value: index}`` mapping
+``mode``            ``choice`` (default: score ``delimiter + choice`` after the prompt) or ``partial`` (lm-eval's
+                    multiple-input mode, WinoGrande: the choices are contexts and ``continuation`` (a template)
+                    is scored after each)
+``target_delimiter`` put between context and continuation (default ``" "``)
+``group_by``        template giving a per-record group (e.g. MMLU's subject) for a per-group breakdown
+``metrics``         the metrics to show (``acc``, ``acc_norm``, ``acc_bytes``); all three are always computed
+``include``         the name of a spec whose keys this one extends
+``notes``           free text, ignored
+
+Scoring follows lm-eval's ``loglikelihood(requests) -> [(logprob, is_greedy)]`` interface with lm-eval's
+tokenisation (trailing spaces of the context move to the continuation; context+continuation is encoded
+whole and the continuation tokens are those past the encoded context). ``acc_norm`` divides the
+log-likelihood by the character length of the choice string as lm-eval 0.4 does (``len(choice)``);
+``acc_bytes`` by its UTF-8 byte length (lm-eval's ``acc_bytes``).
+
+The ensemble (the SISA/S3T aggregation over shards) averages, over scorers, the softmax over an item's
+choices of the log-likelihoods (``acc``), of the per-character log-likelihoods (``acc_norm``) and of the
+per-byte log-likelihoods (``acc_bytes``), and predicts the argmax.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob as _glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from .paths import REPO_ROOT, shared_data_dir
+
+logger = logging.getLogger(__name__)
+
+TASKS_DIR = REPO_ROOT / "eval" / "tasks"
+METRICS = ("acc", "acc_norm", "acc_bytes")
+FORMATS = ("jsonl", "json", "csv", "hellaswag_txt")
+MODES = ("choice", "partial")
+
+_SPEC_KEYS = {
+    "name", "path", "hub", "format", "records_key", "csv_columns", "labels_path", "labels_field", "path_fields",
+    "prompt", "description", "choices", "continuation", "gold", "gold_index_of", "gold_map", "mode",
+    "target_delimiter", "group_by", "metrics", "include", "notes",
+}
+_REQUIRED_KEYS = ("name", "choices", "gold")
+
+
+class TaskError(ValueError):
+    """A task spec, data file or record that cannot be turned into multiple-choice items."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------------------------
+
+def task_dirs() -> list[Path]:
+    """Folders searched for ``<name>.yaml``: ``S3T_EVAL_TASKS`` entries first, then ``eval/tasks``."""
+    extra = [Path(p) for p in os.environ.get("S3T_EVAL_TASKS", "").split(os.pathsep) if p]
+    return [*extra, TASKS_DIR]
+
+
+def list_tasks() -> list[str]:
+    """Names of the task specs found in :func:`task_dirs`."""
+    names = set()
+    for d in task_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def _find_spec_file(name: str) -> Path:
+    for d in task_dirs():
+        p = d / f"{name}.yaml"
+        if p.is_file():
+            return p
+    raise TaskError(f"no task spec named {name!r} (looked in {', '.join(str(d) for d in task_dirs())}; "
+                    f"known: {', '.join(list_tasks()) or 'none'})")
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TaskError(f"task spec {path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise TaskError(f"task spec {path}: expected a mapping at the top level, got {type(data).__name__}")
+    data.setdefault("_spec_dir", str(path.parent))
+    return data
+
+
+def load_spec(spec_or_name: str | Path | Mapping) -> dict:
+    """Resolve a spec (a task name, a YAML path or a dict), follow ``include`` and validate the keys."""
+    if isinstance(spec_or_name, Mapping):
+        spec = dict(spec_or_name)
+    else:
+        s = str(spec_or_name)
+        p = Path(s).expanduser()
+        if s.endswith((".yaml", ".yml")) or p.is_file():
+            if not p.is_file():
+                raise TaskError(f"task spec file {p} does not exist")
+            spec = _read_yaml(p)
+        else:
+            spec = _read_yaml(_find_spec_file(s))
+    seen: list[str] = []
+    while "include" in spec:
+        base_name = spec.pop("include")
+        if base_name in seen:
+            raise TaskError(f"task spec include cycle: {' -> '.join(seen + [base_name])}")
+        seen.append(base_name)
+        base = load_spec(base_name) if not isinstance(base_name, Mapping) else dict(base_name)
+        base.update(spec)
+        spec = base
+    _validate_spec(spec)
+    return spec
+
+
+def _validate_spec(spec: dict) -> None:
+    where = f"task spec {spec.get('name', '<unnamed>')!r}"
+    unknown = sorted(k for k in spec if k not in _SPEC_KEYS and not k.startswith("_"))
+    if unknown:
+        raise TaskError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_SPEC_KEYS)}")
+    for k in _REQUIRED_KEYS:
+        if k not in spec or spec[k] in (None, ""):
+            raise TaskError(f"{where}: missing required key {k!r}")
+    mode = spec.get("mode", "choice")
+    if mode not in MODES:
+        raise TaskError(f"{where}: mode {mode!r} is not one of {MODES}")
+    if mode == "choice" and not isinstance(spec.get("prompt"), str):
+        raise TaskError(f"{where}: missing required key 'prompt'")
+    if mode == "partial" and not spec.get("continuation"):
+        raise TaskError(f"{where}: mode 'partial' needs a 'continuation' template")
+    if not spec.get("path") and not spec.get("hub"):
+        raise TaskError(f"{where}: missing required key 'path' (or 'hub')")
+    if spec.get("hub") is not None and not (isinstance(spec["hub"], Mapping) and spec["hub"].get("path")):
+        raise TaskError(f"{where}: 'hub' must be a mapping with at least 'path' (and 'name', 'split')")
+    fmt = spec.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise TaskError(f"{where}: format {fmt!r} is not one of {FORMATS}")
+    ch = spec["choices"]
+    if not (isinstance(ch, str) or (isinstance(ch, list) and all(isinstance(c, str) for c in ch))):
+        raise TaskError(f"{where}: 'choices' must be a field name or a list of template strings")
+    if isinstance(ch, list) and len(ch) < 2:
+        raise TaskError(f"{where}: 'choices' lists {len(ch)} template(s); a multiple-choice task needs at least 2")
+    if "gold_map" in spec and not isinstance(spec["gold_map"], Mapping):
+        raise TaskError(f"{where}: 'gold_map' must be a mapping value -> index")
+    if "gold_map" in spec and "gold_index_of" in spec:
+        raise TaskError(f"{where}: use either 'gold_map' or 'gold_index_of', not both")
+    metrics = spec.get("metrics", ["acc", "acc_norm"])
+    if not isinstance(metrics, list) or not metrics or any(m not in METRICS for m in metrics):
+        raise TaskError(f"{where}: 'metrics' must be a non-empty list drawn from {METRICS}")
+    if not isinstance(spec.get("target_delimiter", " "), str):
+        raise TaskError(f"{where}: 'target_delimiter' must be a string")
+    pf = spec.get("path_fields", {})
+    if not isinstance(pf, Mapping):
+        raise TaskError(f"{where}: 'path_fields' must be a mapping field -> regex")
+    for k, rx in pf.items():
+        try:
+            if re.compile(rx).groups < 1:
+                raise TaskError(f"{where}: path_fields[{k!r}] regex needs a capturing group")
+        except re.error as e:
+            raise TaskError(f"{where}: path_fields[{k!r}] is not a valid regex: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Field access and templates
+# ---------------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def get_field(record: Any, path: str) -> Any:
+    """Dotted access: ``a.b``; an integer segment indexes a list; a name segment on a list maps over it."""
+    cur = record
+    for seg in path.split("."):
+        if isinstance(cur, list):
+            if seg.lstrip("-").isdigit():
+                i = int(seg)
+                if not -len(cur) <= i < len(cur):
+                    raise KeyError(path)
+                cur = cur[i]
+            else:
+                cur = [get_field(x, seg) for x in cur]
+        elif isinstance(cur, Mapping):
+            if seg not in cur:
+                raise KeyError(path)
+            cur = cur[seg]
+        else:
+            raise KeyError(path)
+    return cur
+
+
+_FILTERS = {
+    "strip": str.strip,
+    "lower": str.lower,
+    "upper": str.upper,
+    "capitalize": str.capitalize,
+    "spaces": lambda s: s.replace("_", " "),
+}
+_TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def template_fields(template: str) -> list[str]:
+    """Field paths a template refers to."""
+    return [m.group(1).split("|")[0].strip() for m in _TEMPLATE_RE.finditer(template) if m.group(1) is not None]
+
+
+def render(template: str, record: Mapping, *, where: str = "record") -> str:
+    """Fill ``{field|filter}`` placeholders from ``record`` (see the module doc)."""
+
+    def sub(m: re.Match) -> str:
+        tok = m.group(0)
+        if tok == "{{":
+            return "{"
+        if tok == "}}":
+            return "}"
+        expr = m.group(1)
+        name, *filters = [x.strip() for x in expr.split("|")]
+        if not name:
+            raise TaskError(f"{where}: empty placeholder in template {template!r}")
+        try:
+            val = get_field(record, name)
+        except KeyError:
+            raise TaskError(f"{where}: missing field {name!r} (used by template {template!r})") from None
+        if isinstance(val, (list, dict)):
+            raise TaskError(f"{where}: field {name!r} is a {type(val).__name__}, not text (template {template!r})")
+        val = "" if val is None else str(val)
+        for f in filters:
+            if f not in _FILTERS:
+                raise TaskError(f"{where}: unknown template filter {f!r}; known: {sorted(_FILTERS)}")
+            val = _FILTERS[f](val)
+        return val
+
+    return _TEMPLATE_RE.sub(sub, template)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------
+
+def _resolve_paths(pattern: str | Path, spec: dict) -> list[Path]:
+    pattern = str(pattern)
+    p = Path(pattern).expanduser()
+    bases = [Path()] if p.is_absolute() else [shared_data_dir(), Path(spec.get("_spec_dir", ".")), Path.cwd()]
+    where = f"task {spec['name']!r}"
+    for base in bases:
+        full = base / p
+        if any(ch in pattern for ch in "*?["):
+            hits = sorted(Path(h) for h in _glob.glob(str(full)))
+            if hits:
+                return hits
+        elif full.is_file():
+            return [full]
+    tried = ", ".join(str(b / p) for b in bases)
+    raise TaskError(f"{where}: data file {pattern!r} not found (tried {tried}; set S3T_SHARED_DATA to the "
+                    "folder holding eval/)")
+
+
+def _read_file_records(path: Path, fmt: str, spec: dict) -> list[Any]:
+    where = f"task {spec['name']!r}: {path}"
+    try:
+        if fmt == "jsonl":
+            out = []
+            with open(path, encoding="utf-8") as fh:
+                for ln, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            out.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise TaskError(f"{where}: line {ln} is not valid JSON: {e}") from e
+            return out
+        if fmt == "json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            key = spec.get("records_key")
+            if key is not None:
+                try:
+                    data = get_field(data, key)
+                except KeyError:
+                    raise TaskError(f"{where}: records_key {key!r} not found") from None
+            if isinstance(data, dict) and "data" in data and key is None:
+                data = data["data"]
+            if not isinstance(data, list):
+                raise TaskError(f"{where}: expected a JSON list of records (or set records_key)")
+            return data
+        if fmt == "csv":
+            with open(path, encoding="utf-8", newline="") as fh:
+                cols = spec.get("csv_columns")
+                rows = list(csv.DictReader(fh, fieldnames=cols) if cols else csv.DictReader(fh))
+            return rows
+        if fmt == "hellaswag_txt":
+            return _read_hellaswag_txt(path, where)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise TaskError(f"{where}: cannot read as {fmt}: {e}") from e
+    raise TaskError(f"{where}: unknown format {fmt!r}")
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag ``preprocess`` (tasks/hellaswag/utils.py)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+_SENT_END = re.compile(r"[.!?]\s+(?=\S)")
+
+
+def _capitalize_last_fragment(ctx: str) -> str:
+    """lm-eval builds ``ctx_a + " " + ctx_b.capitalize()``; the text file keeps ``ctx_a + " " + ctx_b``.
+
+    ``ctx_b`` is (nearly always) the lowercase fragment after the last sentence end: capitalise it so.
+    """
+    ends = list(_SENT_END.finditer(ctx))
+    start = ends[-1].end() if ends else 0
+    frag = ctx[start:]
+    if frag[:1].islower():
+        return ctx[:start] + frag.capitalize()
+    return ctx
+
+
+def _read_hellaswag_txt(path: Path, where: str) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").split("\n")
+    while lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise TaskError(f"{where}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
+    out = []
+    for i in range(0, len(lines), 6):
+        head, label, *endings = lines[i:i + 6]
+        if not label.strip().isdigit():
+            raise TaskError(f"{where}: line {i + 2} should be the gold ending index, got {label!r}")
+        activity, _, ctx = head.partition(": ")
+        out.append({
+            "activity_label": activity,
+            "ctx": ctx,
+            "query": hellaswag_preprocess(_capitalize_last_fragment(head)),
+            "endings": [hellaswag_preprocess(e) for e in endings],
+            "label": int(label),
+        })
+    return out
+
+
+def _infer_format(path: Path) -> str:
+    suf = path.suffix.lower()
+    return {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "hellaswag_txt"}.get(suf, "jsonl")
+
+
+def load_records(spec: dict) -> list[dict]:
+    """All raw records of a spec (files in order, ``labels_path`` and ``path_fields`` merged in)."""
+    where = f"task {spec['name']!r}"
+    if spec.get("hub") and not spec.get("path"):
+        hub = dict(spec["hub"])
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "test"))
+        except Exception as e:  # noqa: BLE001 - offline / missing dataset / auth: say which
+            raise TaskError(f"{where}: cannot load hub dataset {hub}: {type(e).__name__}: {e}") from e
+        records = [dict(r) for r in ds]
+    else:
+        paths = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
+        files = [f for p in paths for f in _resolve_paths(p, spec)]
+        records = []
+        for f in files:
+            fmt = spec.get("format") or _infer_format(f)
+            recs = _read_file_records(f, fmt, spec)
+            if spec.get("path_fields"):
+                extra = {}
+                for k, rx in spec["path_fields"].items():
+                    m = re.search(rx, f.name)
+                    if not m:
+                        raise TaskError(f"{where}: path_fields[{k!r}] regex {rx!r} does not match file name {f.name!r}")
+                    extra[k] = m.group(1)
+                recs = [{**r, **extra} if isinstance(r, Mapping) else r for r in recs]
+            records.extend(recs)
+    if spec.get("labels_path"):
+        lf = _resolve_paths(spec["labels_path"], spec)[0]
+        labels = [ln.strip() for ln in lf.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(labels) != len(records):
+            raise TaskError(f"{where}: labels file {lf} has {len(labels)} labels for {len(records)} records")
+        key = spec.get("labels_field", "label")
+        records = [{**r, key: lab} if isinstance(r, Mapping) else r for r, lab in zip(records, labels)]
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise TaskError(f"{where}: record {i} is a {type(r).__name__}, not an object")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Items and tasks
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One multiple-choice question.
+
+    ``mode == "choice"``: ``context`` is the prompt and ``choices`` the answer strings; request i is
+    ``(context, delimiter + choices[i])``. ``mode == "partial"``: ``choices`` are the contexts (``context``
+    holds the same tuple) and request i is ``(choices[i], delimiter + continuation)``.
+    """
+
+    index: int                       # record index in the full task
+    context: str | tuple[str, ...]
+    choices: tuple[str, ...]
+    gold: int
+    delimiter: str = " "
+    continuation: str | None = None
+    group: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return "partial" if self.continuation is not None else "choice"
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        if self.continuation is not None:
+            return [(c, self.delimiter + self.continuation) for c in self.choices]
+        return [(self.context, self.delimiter + c) for c in self.choices]
+
+    @property
+    def continuations(self) -> list[str]:
+        return [cont for _, cont in self.requests]
+
+    @property
+    def norm_lengths(self) -> list[int]:
+        """Characters used by acc_norm (lm-eval: ``len(choice)``; partial mode: the shared continuation)."""
+        if self.continuation is not None:
+            return [max(1, len(self.continuation))] * len(self.choices)
+        return [max(1, len(c)) for c in self.choices]
+
+    @property
+    def byte_lengths(self) -> list[int]:
+        src = [self.continuation] * len(self.choices) if self.continuation is not None else self.choices
+        return [max(1, len(s.encode("utf-8"))) for s in src]
+
+
+@dataclass
+class Task:
+    name: str
+    items: list[Item]
+    n_total: int                     # records in the full task (before ``limit``)
+    metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
+    mode: str = "choice"
+    spec: dict = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        return [r for it in self.items for r in it.requests]
+
+
+def _gold_index(record: Mapping, spec: dict, n_choices: int, where: str) -> int:
+    try:
+        val = get_field(record, spec["gold"])
+    except KeyError:
+        raise TaskError(f"{where}: missing field {spec['gold']!r} (the gold answer)") from None
+    if isinstance(val, str):
+        val = val.strip()
+    if "gold_map" in spec:
+        gm = {str(k): v for k, v in spec["gold_map"].items()}
+        key = str(val).lower() if isinstance(val, bool) else str(val)
+        if key not in gm:
+            raise TaskError(f"{where}: gold value {val!r} is not a key of gold_map {sorted(gm)}")
+        val = gm[key]
+    elif "gold_index_of" in spec:
+        try:
+            labels = get_field(record, spec["gold_index_of"])
+        except KeyError:
+            raise TaskError(f"{where}: missing field {spec['gold_index_of']!r} (gold_index_of)") from None
+        if not isinstance(labels, list):
+            raise TaskError(f"{where}: field {spec['gold_index_of']!r} is not a list")
+        labels = [x.strip() if isinstance(x, str) else x for x in labels]
+        if val not in labels:
+            raise TaskError(f"{where}: gold value {val!r} not found in {spec['gold_index_of']!r} = {labels}")
+        val = labels.index(val)
+    if isinstance(val, bool):
+        val = int(val)
+    elif isinstance(val, str) and val.lstrip("-").isdigit():
+        val = int(val)
+    elif isinstance(val, float) and val.is_integer():
+        val = int(val)
+    if not isinstance(val, int):
+        raise TaskError(f"{where}: gold value {val!r} is not an index (use gold_map or gold_index_of)")
+    if not 0 <= val < n_choices:
+        raise TaskError(f"{where}: gold index {val} out of range for {n_choices} choices")
+    return val
+
+
+def build_item(record: Mapping, index: int, spec: dict) -> Item:
+    """Turn one raw record into an :class:`Item`, raising :class:`TaskError` naming the record index."""
+    where = f"task {spec['name']!r}, record {index}"
+    ch = spec["choices"]
+    if isinstance(ch, str):
+        try:
+            choices = get_field(record, ch)
+        except KeyError:
+            raise TaskError(f"{where}: missing field {ch!r} (the choices)") from None
+        if not isinstance(choices, list):
+            raise TaskError(f"{where}: field {ch!r} is a {type(choices).__name__}, expected a list of choices")
+        if any(isinstance(c, (list, dict)) or c is None for c in choices):
+            raise TaskError(f"{where}: field {ch!r} must hold a list of strings")
+        choices = [str(c) for c in choices]
+    else:
+        choices = [render(t, record, where=where) for t in ch]
+    if len(choices) < 2:
+        raise TaskError(f"{where}: {len(choices)} choice(s); a multiple-choice item needs at least 2")
+    gold = _gold_index(record, spec, len(choices), where)
+    delim = spec.get("target_delimiter", " ")
+    group = render(spec["group_by"], record, where=where) if spec.get("group_by") else None
+    prefix = render(spec["description"], record, where=where) if spec.get("description") else ""
+    if spec.get("mode", "choice") == "partial":
+        pre = prefix + (render(spec["prompt"], record, where=where) if spec.get("prompt") else "")
+        contexts = tuple(pre + c for c in choices)
+        cont = render(spec["continuation"], record, where=where)
+        return Item(index=index, context=contexts, choices=contexts, gold=gold, delimiter=delim,
+                    continuation=cont, group=group)
+    context = prefix + render(spec["prompt"], record, where=where)
+    return Item(index=index, context=context, choices=tuple(choices), gold=gold, delimiter=delim, group=group)
+
+
+def load_task(spec_or_name: str | Path | Mapping, limit: int | None = None, seed: int = 0) -> Task:
+    """Load a task: every record is validated; ``limit`` keeps a fixed seeded random subset (in file order)."""
+    spec = load_spec(spec_or_name)
+    records = load_records(spec)
+    if not records:
+        raise TaskError(f"task {spec['name']!r}: no records")
+    items = [build_item(r, i, spec) for i, r in enumerate(records)]
+    n_total = len(items)
+    if limit is not None:
+        if limit < 1:
+            raise TaskError(f"task {spec['name']!r}: limit must be >= 1, got {limit}")
+        if limit < n_total:
+            keep = sorted(random.Random(seed).sample(range(n_total), limit))
+            items = [items[i] for i in keep]
+    return Task(name=spec["name"], items=items, n_total=n_total, metrics=list(spec.get("metrics", ["acc", "acc_norm"])),
+                mode=spec.get("mode", "choice"), spec=spec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scorers
+# ---------------------------------------------------------------------------------------------------------
+
+class Scorer(Protocol):
+    """lm-eval's interface: log P(continuation | context) summed over its tokens, and whether greedy."""
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]: ...
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's causal ``_encode_pair`` (and its empty-context rule) with a transformers tokenizer."""
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if not cont:
+            raise ValueError("empty continuation")
+        return ([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    cont = whole[len(ctx):]
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
+    return ctx, cont
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos):  # lm-eval: no second BOS when the text already starts with one
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+class TokenScorer:
+    """Tokenises requests as lm-eval does and hands token ids to :meth:`loglikelihood_tokens`."""
+
+    tokenizer: Any
+    max_length: int | None = None
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.tokenizer, c, x) for c, x in requests]
+        return self.loglikelihood_tokens(pairs)
+
+    def _truncate(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        """Left-truncate ``ctx+cont`` to ``max_length + 1`` tokens (lm-eval keeps the last ones)."""
+        if self.max_length is None or len(ctx) + len(cont) <= self.max_length + 1:
+            return ctx, cont
+        if len(cont) > self.max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+        keep = self.max_length + 1 - len(cont)
+        return ctx[-keep:], cont
+
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        raise NotImplementedError
+
+
+class HFScorer(TokenScorer):
+    """A transformers (or PEFT) causal LM in this process.
+
+    Exact continuation log-likelihoods in float32 ``log_softmax``. Requests whose model input (all tokens but
+    the last) is identical share one forward pass (as lm-eval does for one-token answers); batches are sorted
+    by length, right-padded, and bounded by ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_batch_tokens: int = 8192,
+                 max_length: int | None = None, device: str | None = None, progress: bool = False):
+        import torch
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_batch_tokens = int(max_batch_tokens)
+        cfg = getattr(model, "config", None)
+        self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 2048
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, *, adapter: str | None = None, dtype: str = "float32", **kw) -> "HFScorer":
+        """Load a base model (and optionally a PEFT adapter directory) for scoring."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter)
+        model.eval()
+        return cls(model, AutoTokenizer.from_pretrained(model_path), **kw)
+
+    def loglikelihood_tokens(self, pairs):
+        import torch
+        import torch.nn.functional as F
+
+        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
+        by_input: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            by_input.setdefault(tuple((ctx + cont)[:-1]), []).append(i)
+        inputs = sorted(by_input, key=len, reverse=True)
+        batches, cur = [], []
+        for inp in inputs:
+            if cur and (len(cur) >= self.batch_size or len(cur[0]) * (len(cur) + 1) > self.max_batch_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(inp)
+        if cur:
+            batches.append(cur)
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            from tqdm.auto import tqdm
+
+            for batch in tqdm(batches, desc="scoring", disable=not self.progress, leave=False):
+                width = len(batch[0])
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for r, inp in enumerate(batch):
+                    ids[r, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+                    mask[r, :len(inp)] = 1
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for r, inp in enumerate(batch):
+                    for i in by_input[inp]:
+                        cont = pairs[i][1]
+                        n = len(inp)
+                        lp = F.log_softmax(logits[r, n - len(cont):n].float(), dim=-1)
+                        tgt = torch.tensor(cont, dtype=torch.long, device=lp.device)
+                        ll = lp.gather(1, tgt[:, None]).sum().item()
+                        greedy = bool((lp.argmax(-1) == tgt).all().item())
+                        out[i] = (ll, greedy)
+                del logits
+        finally:
+            if was_training:
+                self.model.train()
+        return out  # type: ignore[return-value]
+
+
+def _logprob_entry(pos_dict: Mapping, token_id: int) -> tuple[float, bool]:
+    """(logprob, is_top1) of ``token_id`` in one position of vLLM's prompt_logprobs."""
+    e = pos_dict.get(token_id, pos_dict.get(str(token_id)))
+    if e is None:
+        raise ValueError(f"prompt token {token_id} missing from vLLM's prompt_logprobs entry")
+    lp = e["logprob"] if isinstance(e, Mapping) else e.logprob
+    rank = e.get("rank") if isinstance(e, Mapping) else getattr(e, "rank", None)
+    if rank is None:
+        others = [(v["logprob"] if isinstance(v, Mapping) else v.logprob) for v in pos_dict.values()]
+        greedy = lp >= max(others)
+    else:
+        greedy = rank == 1
+    return float(lp), bool(greedy)
+
+
+def _sum_prompt_logprobs(prompt_logprobs: Sequence, ids: Sequence[int], n_ctx: int) -> tuple[float, bool]:
+    total, greedy = 0.0, True
+    for pos in range(n_ctx, len(ids)):
+        lp, g = _logprob_entry(prompt_logprobs[pos], ids[pos])
+        total += lp
+        greedy = greedy and g
+    return total, greedy
+
+
+class VLLMCompletionsScorer(TokenScorer):
+    """A vLLM OpenAI-compatible server (``POST /v1/completions``; ``model_name`` may be a LoRA adapter name).
+
+    Prompts go as token-id lists (tokenised here, so the context/continuation boundary is exact) with
+    ``max_tokens=1`` and ``prompt_logprobs=1``; the continuation's entries are summed. The tokenizer is loaded
+    from ``tokenizer`` (a tokenizer or a path) or from the root of the server's base model (``GET /v1/models``).
+    """
+
+    def __init__(self, base_url: str, model_name: str, *, tokenizer=None, batch_size: int = 32,
+                 timeout: float = 600.0, api_key: str | None = None, max_length: int | None = None,
+                 progress: bool = False):
+        import requests
+
+        base = base_url.rstrip("/")
+        self.base_url = base[:-3] if base.endswith("/v1") else base
+        self.model_name = model_name
+        self.batch_size = int(batch_size)
+        self.timeout = timeout
+        self.progress = progress
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        if tokenizer is None or isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer) if tokenizer else self._server_model_root())
+        self.tokenizer = tokenizer
+        self.max_length = max_length or self._server_max_len()
+
+    def _models(self) -> list[dict]:
+        r = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
+        r.raise_for_status()
+        return r.json().get("data", [])
+
+    def _server_model_root(self) -> str:
+        models = self._models()
+        base = [m for m in models if not m.get("parent")] or models
+        if not base:
+            raise RuntimeError(f"{self.base_url}/v1/models lists no model; pass tokenizer=")
+        return base[0].get("root") or base[0]["id"]
+
+    def _server_max_len(self) -> int | None:
+        try:
+            for m in self._models():
+                if m.get("max_model_len"):
+                    return int(m["max_model_len"]) - 1  # room for the one generated token
+        except Exception:  # noqa: BLE001 - optional information
+            return None
+        return None
+
+    def loglikelihood_tokens(self, pairs):
+        from tqdm.auto import tqdm
+
+        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
+        prompts: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            prompts.setdefault(tuple(ctx + cont), []).append(i)
+        keys = list(prompts)
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for s in tqdm(range(0, len(keys), self.batch_size), desc="scoring (vLLM)", disable=not self.progress,
+                      leave=False):
+            chunk = keys[s:s + self.batch_size]
+            payload = {"model": self.model_name, "prompt": [list(k) for k in chunk], "max_tokens": 1,
+                       "temperature": 0.0, "prompt_logprobs": 1}
+            r = self.session.post(f"{self.base_url}/v1/completions", json=payload, timeout=self.timeout)
+            if r.status_code != 200:
+                raise RuntimeError(f"vLLM /v1/completions answered {r.status_code}: {r.text[:500]}")
+            choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+            if len(choices) != len(chunk):
+                raise RuntimeError(f"vLLM returned {len(choices)} choices for {len(chunk)} prompts")
+            for key, ch in zip(chunk, choices):
+                plp = ch.get("prompt_logprobs")
+                if plp is None:
+                    raise RuntimeError("vLLM response has no prompt_logprobs (server too old?)")
+                for i in prompts[key]:
+                    out[i] = _sum_prompt_logprobs(plp, key, len(pairs[i][0]))
+        return out  # type: ignore[return-value]
+
+
+class VLLMOfflineScorer(TokenScorer):
+    """An in-process ``vllm.LLM`` (optionally with a ``LoRARequest``): token-id prompts, ``prompt_logprobs=1``."""
+
+    def __init__(self, llm, lora_request=None, *, tokenizer=None, batch_size: int = 256, max_length: int | None = None):
+        self.llm = llm
+        self.lora_request = lora_request
+        self.tokenizer = tokenizer or llm.get_tokenizer()
+        self.batch_size = int(batch_size)
+        if max_length is None:
+            try:
+                max_length = int(llm.llm_engine.model_config.max_model_len) - 1
+            except Exception:  # noqa: BLE001
+                max_length = None
+        self.max_length = max_length
+
+    def loglikelihood_tokens(self, pairs):
+        from vllm import SamplingParams
+
+        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
+        prompts: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            prompts.setdefault(tuple(ctx + cont), []).append(i)
+        keys = list(prompts)
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for s in range(0, len(keys), self.batch_size):
+            chunk = keys[s:s + self.batch_size]
+            res = self.llm.generate([{"prompt_token_ids": list(k)} for k in chunk], sp,
+                                    lora_request=self.lora_request, use_tqdm=False)
+            for key, r in zip(chunk, res):
+                for i in prompts[key]:
+                    out[i] = _sum_prompt_logprobs(r.prompt_logprobs, key, len(pairs[i][0]))
+        return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics and the ensemble
+# ---------------------------------------------------------------------------------------------------------
+
+def _softmax(xs: Sequence[float]) -> list[float]:
+    m = max(xs)
+    ex = [math.exp(x - m) for x in xs]
+    s = sum(ex)
+    return [e / s for e in ex]
+
+
+def _argmax(xs: Sequence[float]) -> int:
+    best = 0
+    for i, x in enumerate(xs):  # first maximum wins, as numpy.argmax
+        if x > xs[best]:
+            best = i
+    return best
+
+
+def _stderr(k: int, n: int) -> float:
+    """lm-eval's ``mean_stderr`` of a 0/1 metric: sample std (n-1) / sqrt(n)."""
+    if n < 2:
+        return float("nan")
+    p = k / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def item_predictions(item: Item, lls: Sequence[float]) -> dict[str, int]:
+    """Predicted choice for acc / acc_norm / acc_bytes from one scorer's log-likelihoods."""
+    return {
+        "acc": _argmax(lls),
+        "acc_norm": _argmax([ll / n for ll, n in zip(lls, item.norm_lengths)]),
+        "acc_bytes": _argmax([ll / n for ll, n in zip(lls, item.byte_lengths)]),
+    }
+
+
+def ensemble_probs(item: Item, lls_by_scorer: Sequence[Sequence[float]]) -> dict[str, list[float]]:
+    """Average over scorers of the softmax over choices (raw, per-character and per-byte log-likelihoods)."""
+    out = {}
+    for metric, lens in (("acc", None), ("acc_norm", item.norm_lengths), ("acc_bytes", item.byte_lengths)):
+        acc = [0.0] * len(item.choices)
+        for lls in lls_by_scorer:
+            xs = list(lls) if lens is None else [ll / n for ll, n in zip(lls, lens)]
+            for j, p in enumerate(_softmax(xs)):
+                acc[j] += p / len(lls_by_scorer)
+        out[metric] = acc
+    return out
+
+
+def _summarise(correct: dict[str, list[int]], groups: list[str | None]) -> dict:
+    n = len(groups)
+    res: dict[str, Any] = {"n": n}
+    for m in METRICS:
+        k = sum(correct[m])
+        res[m] = k / n if n else float("nan")
+        res[f"{m}_stderr"] = _stderr(k, n)
+        res[f"{m}_correct"] = k
+    if any(g is not None for g in groups):
+        by: dict[str, list[int]] = {}
+        for g, c in zip(groups, correct["acc"]):
+            by.setdefault(str(g), []).append(c)
+        res["groups"] = {g: {"n": len(v), "acc": sum(v) / len(v)} for g, v in sorted(by.items())}
+    return res
+
+
+def evaluate(scorers: Scorer | Mapping[str, Scorer], tasks: Iterable[Task | str | Mapping], *, limit: int | None = None,
+             seed: int = 0, chunk_size: int = 256, progress: bool = True, return_samples: bool = False) -> dict:
+    """Score every task with every scorer and with their ensemble.
+
+    Returns ``{"scorers": [...], "tasks": {name: {"n", "n_total", "metrics", "scorers": {s: summary},
+    "ensemble": summary}}, "samples"?: {name: [...]}}`` where a summary holds ``acc``, ``acc_norm``,
+    ``acc_bytes``, their ``_stderr`` and ``_correct`` counts, ``n`` and (for grouped tasks) ``groups``.
+    ``tasks`` may be loaded :class:`Task` objects or names/specs (loaded with ``limit`` and ``seed``).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(scorers, Mapping):
+        scorers = {"model": scorers}
+    if not scorers:
+        raise ValueError("evaluate() needs at least one scorer")
+    names = list(scorers)
+    results: dict[str, Any] = {"scorers": names, "tasks": {}}
+    if return_samples:
+        results["samples"] = {}
+    for t in tasks:
+        task = t if isinstance(t, Task) else load_task(t, limit=limit, seed=seed)
+        reqs = list(dict.fromkeys(task.requests))   # unique (context, continuation) pairs
+        pos = {r: i for i, r in enumerate(reqs)}
+        lls: dict[str, list[float]] = {}
+        for s in names:
+            vals: list[float] = []
+            bar = tqdm(total=len(reqs), desc=f"{task.name} [{s}]", disable=not progress, unit="req")
+            for c in range(0, len(reqs), chunk_size):
+                part = reqs[c:c + chunk_size]
+                got = scorers[s].loglikelihood(part)
+                if len(got) != len(part):
+                    raise RuntimeError(f"scorer {s!r} returned {len(got)} results for {len(part)} requests")
+                vals.extend(float(g[0]) for g in got)
+                bar.update(len(part))
+            bar.close()
+            lls[s] = vals
+        per_scorer = {s: {m: [] for m in METRICS} for s in names}
+        ens = {m: [] for m in METRICS}
+        samples = []
+        for it in task.items:
+            item_lls = {s: [lls[s][pos[r]] for r in it.requests] for s in names}
+            for s in names:
+                pred = item_predictions(it, item_lls[s])
+                for m in METRICS:
+                    per_scorer[s][m].append(int(pred[m] == it.gold))
+            probs = ensemble_probs(it, [item_lls[s] for s in names])
+            for m in METRICS:
+                ens[m].append(int(_argmax(probs[m]) == it.gold))
+            if return_samples:
+                samples.append({"index": it.index, "gold": it.gold, "group": it.group, "lls": item_lls,
+                                "ensemble_probs": probs["acc"]})
+        groups = [it.group for it in task.items]
+        results["tasks"][task.name] = {
+            "n": len(task.items), "n_total": task.n_total, "metrics": task.metrics,
+            "scorers": {s: _summarise(per_scorer[s], groups) for s in names},
+            "ensemble": _summarise(ens, groups),
+        }
+        if return_samples:
+            results["samples"][task.name] = samples
+    return results
+
+
+def format_results(results: dict, metrics: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per task and metric, one column per scorer plus the ensemble."""
+    names = results["scorers"]
+    cols = names + (["ensemble"] if len(names) > 1 else [])
+    lines = ["| task | n | metric | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for tname, tr in results["tasks"].items():
+        for m in metrics or tr["metrics"]:
+            cells = []
+            for c in cols:
+                s = tr["ensemble"] if c == "ensemble" else tr["scorers"][c]
+                cells.append(f"{100 * s[m]:.2f} ± {100 * s[m + '_stderr']:.2f}")
+            lines.append(f"| {tname} | {tr['n']} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lm-eval bridge
+# ---------------------------------------------------------------------------------------------------------
+
+LM_EVAL_PREFIX = "s3t_"
+
+
+def export_lm_eval_task(task: Task, out_dir: str | Path, *, task_name: str | None = None) -> str:
+    """Write ``task``'s items as JSONL plus an lm-eval task YAML (``dataset_path: json``) into ``out_dir``.
+
+    The items are written rendered (context, choices, gold), so lm-eval sees exactly the strings this module
+    scores. Returns the lm-eval task name.
+    """
+    import yaml
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = task_name or f"{LM_EVAL_PREFIX}{task.name}"
+    data = out / f"{name}.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for it in task.items:
+            doc = {"doc_index": it.index, "gold": it.gold, "choices": list(it.choices)}
+            if it.continuation is not None:
+                doc["continuation"] = it.continuation
+            else:
+                doc["context"] = it.context
+            fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    delim = task.items[0].delimiter if task.items else " "
+    cfg: dict[str, Any] = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "target_delimiter": delim,
+        "doc_to_choice": "choices",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in task.metrics],
+        "metadata": {"version": 1.0, "source": "s3t_llm.evaluation.export_lm_eval_task"},
+    }
+    if task.mode == "partial":
+        # lm-eval's multiple-input mode: doc_to_text returns the gold index (an int), the choices are contexts.
+        cfg.update({"doc_to_text": "gold", "doc_to_target": "continuation"})
+    else:
+        cfg.update({"doc_to_text": "context", "doc_to_target": "gold"})
+    (out / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return name
+
+
+def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: str = "hf", pretrained: str | None = None,
+                peft: str | None = None, dtype: str = "float32", base_url: str | None = None,
+                model_name: str | None = None, tokenizer: str | None = None, model_args: str | dict | None = None,
+                limit: int | None = None, seed: int = 0, batch_size: int | str = 16, device: str | None = None,
+                work_dir: str | Path | None = None, log_samples: bool = False, **simple_evaluate_kwargs) -> dict:
+    """Run lm-eval itself on local copies of our tasks (exactly the same items).
+
+    ``model="hf"``: ``pretrained`` (a model dir or hub id) and optionally ``peft`` (an adapter dir, e.g. an S3T
+    shard adapter). ``model="local-completions"``: a vLLM server at ``base_url`` serving ``model_name``
+    (a base model or a loaded LoRA name), tokenised locally with ``tokenizer``. ``model_args`` overrides the
+    generated lm-eval model arguments. Returns lm-eval's result dict (``results``, and ``samples`` with
+    ``log_samples``). Task names in lm-eval's output are ``s3t_<name>``. ``device`` defaults to ``cuda`` when
+    available, else ``cpu``.
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    loaded = [t if isinstance(t, Task) else load_task(t, limit=limit, seed=seed) for t in tasks]
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="s3t_lm_eval_")
+        work_dir = tmp.name
+    try:
+        names = [export_lm_eval_task(t, work_dir) for t in loaded]
+        if model_args is None:
+            if model == "hf":
+                if not pretrained:
+                    raise ValueError("run_lm_eval(model='hf') needs pretrained=")
+                model_args = f"pretrained={pretrained},dtype={dtype}" + (f",peft={peft}" if peft else "")
+            elif model == "local-completions":
+                if not (base_url and model_name):
+                    raise ValueError("run_lm_eval(model='local-completions') needs base_url= and model_name=")
+                url = base_url.rstrip("/")
+                if not url.endswith("/completions"):
+                    url = (url if url.endswith("/v1") else url + "/v1") + "/completions"
+                model_args = (f"model={model_name},base_url={url},tokenizer={tokenizer or pretrained},"
+                              "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=3")
+            else:
+                raise ValueError(f"run_lm_eval: give model_args= for model type {model!r}")
+        if device is None and model == "hf":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        tm = TaskManager(include_path=str(work_dir), include_defaults=False)
+        res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, task_manager=tm,
+                                      batch_size=batch_size, device=device, log_samples=log_samples,
+                                      **simple_evaluate_kwargs)
+        return dict(res) if res is not None else {}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+__all__ = [
+    "TaskError", "Item", "Task", "Scorer", "TokenScorer", "HFScorer", "VLLMCompletionsScorer", "VLLMOfflineScorer",
+    "list_tasks", "load_spec", "load_records", "load_task", "build_item", "get_field", "render", "encode_pair",
+    "evaluate", "ensemble_probs", "item_predictions", "format_results", "export_lm_eval_task", "run_lm_eval",
+    "hellaswag_preprocess", "TASKS_DIR",
+]
