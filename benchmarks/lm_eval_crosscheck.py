@@ -34,17 +34,25 @@ TOLERANCE = 1.0  # points
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "boolq", "hellaswag"])
+    ap.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa", "boolq", "hellaswag"],
+                    help="task names, each optionally NAME:N to override --items")
     ap.add_argument("--items", type=int, default=200, help="items per task (seeded random subset)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lm_eval_crosscheck.md"))
     args = ap.parse_args(argv)
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_path = resolve_model(args.model)
-    tasks = [load_task(t, limit=args.items, seed=args.seed) for t in args.tasks]
+    tasks = []
+    for spec in args.tasks:
+        name, _, n = spec.partition(":")
+        tasks.append(load_task(name, limit=int(n) if n else args.items, seed=args.seed))
     n_req = sum(len(t.requests) for t in tasks)
     print(f"model {model_path}; tasks {[(t.name, len(t)) for t in tasks]}; {n_req} requests; "
           f"torch threads {torch.get_num_threads()}", flush=True)
@@ -92,9 +100,10 @@ def main(argv=None) -> int:
     lines = [
         "# lm-eval cross-check",
         "",
-        f"Model: `{args.model}` ({model_path}), float32, no adapter. Items: seeded random subset "
-        f"(seed {args.seed}) of {args.items} per task, identical for both sides (lm-eval reads the rendered "
-        "items through `export_lm_eval_task`: `dataset_path: json`).",
+        f"Model: `{args.model}` ({model_path}), float32, no adapter. Items: a seeded random subset "
+        f"(seed {args.seed}) of each task (n below), identical for both sides: lm-eval reads the rendered "
+        "items through `export_lm_eval_task` (`dataset_path: json`) and scores them with `model=\"hf\"`.",
+        f"Command: `python benchmarks/lm_eval_crosscheck.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. lm-eval {_version('lm_eval')}, transformers {_version('transformers')}.",
         "",

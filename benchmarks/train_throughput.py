@@ -20,10 +20,12 @@ Timed (wall clock, with a CUDA synchronize at both ends on a GPU):
 * Neither includes loading the base model (done once per process for each).
 
 Tokens = sum of ``input_ids`` lengths of the tokenised train dataset (unpadded) x epochs, counted the same
-way for both (the S3T manifest's ``tokens``). tokens/s = tokens / wall. Overhead = 1 - s3t/plain of the
-median tokens/s. An L=3 run's per-stage numbers are reported for information: stage k trains block k
-only and its backward stops at block k's lowest layer (blocks are top-down), while stage k's data is
-the first k slices.
+way for both (the S3T manifest's ``tokens``). tokens/s = tokens / wall. Reported: 1 - s3t/plain of the
+median (and best) tokens/s, and the orchestration overhead proper: S3T's time outside ``train()`` minus
+plain's, over the plain wall. ``train()`` is the same code on the same work in both (the losses match),
+so on a noisy machine the raw ratio mostly measures noise; the second number does not. An L=3 run's
+per-stage numbers are reported for information: stage k trains block k only and its backward stops at
+block k's lowest layer (blocks are top-down), while stage k's data is the first k slices.
 
 GPU (not run in CI): ``--device cuda --from-config 1b --precision bf16`` builds a ~1.04B random Llama.
 """
@@ -56,7 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=int, default=16)
     ap.add_argument("--no-rslora", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="timed plain/S3T pairs (medians reported)")
+    ap.add_argument("--repeats", type=int, default=4, help="timed plain/S3T pairs (medians reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed plain/S3T pairs first")
     ap.add_argument("--stages-L", type=int, default=3, help="slices of the informational per-stage run (0: skip)")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra call of each and report where S3T's time goes")
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     import logging
 
+    import trl  # noqa: F401  imported before any timing: the first call must not pay for it
+
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="s3t-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -248,10 +252,16 @@ def main(argv=None) -> int:
     p, s = results["plain"], results["s3t"]
     if {r["steps"] for r in p} != {r["steps"] for r in s} or {r["tokens"] for r in p} != {r["tokens"] for r in s}:
         raise RuntimeError("plain and S3T did not do the same work (steps or tokens differ)")
+    same_loss = all(abs(a["loss"] - b["loss"]) <= 1e-6 * max(1.0, abs(b["loss"])) for a, b in zip(s, p))
     overhead = 1 - med(s, "tok_s") / med(p, "tok_s")
     overhead_train = 1 - med(s, "tok_s_train") / med(p, "tok_s_train")
+    overhead_best = 1 - max(r["tok_s"] for r in s) / max(r["tok_s"] for r in p)
     # Paired per repeat too (each pair ran back to back): less exposed to drift on a shared machine.
     paired = [1 - a["tok_s"] / b["tok_s"] for a, b in zip(s, p)]
+    # train() runs the same code on the same trainable set and batches in both (identical losses show it), so
+    # what S3T adds is what lies outside train(): measured directly it does not drown in train()'s noise.
+    extra = [(a["wall"] - a["train"]) - (b["wall"] - b["train"]) for a, b in zip(s, p)]
+    orch = statistics.median(extra) / med(p, "wall")
 
     prof_rows, prof_text = [], ""
     if args.profile:
@@ -308,10 +318,17 @@ def main(argv=None) -> int:
                     ["S3T train_stage", f"{med(s, 'tok_s'):.1f}", f"{med(s, 'tok_s_train'):.1f}", f"{med(s, 'wall'):.2f}",
                      f"{med(s, 'train'):.2f}", f"{statistics.median(r['wall'] - r['train'] for r in s):.2f}",
                      f"{s[0]['loss']:.4f}"]]),
+        "", f"Same work: {s[0]['steps']} steps and {s[0]['tokens']} tokens in every call; final training losses "
+        + ("identical (same init, same batches)." if same_loss else "DIFFER between plain and S3T (check the set-up)."),
         "",
-        f"**Overhead (1 - S3T/plain, median tokens/s, wall): {100 * overhead:+.1f}%** (target <= 5%); "
-        f"train() only: {100 * overhead_train:+.1f}%; per repeat pair: "
-        + ", ".join(f"{100 * x:+.1f}%" for x in paired) + ".", "",
+        f"**Orchestration overhead of S3T: {100 * orch:+.2f}% of the plain call** (target <= 5%): S3T's time "
+        f"outside train() minus plain's, median over pairs ({', '.join(f'{x:+.3f}s' for x in extra)}), over the "
+        f"median plain wall ({med(p, 'wall'):.2f}s). train() itself is the same code on the same work in both "
+        "(same trainable tensors, batches and seed; the final losses are identical), so differences inside it "
+        "are the machine's noise, which the raw tokens/s ratios below include.", "",
+        f"Raw 1 - S3T/plain tokens/s (wall): median {100 * overhead:+.1f}%, best-of {100 * overhead_best:+.1f}%, "
+        f"per repeat pair " + ", ".join(f"{100 * x:+.1f}%" for x in paired)
+        + f"; train() only, median: {100 * overhead_train:+.1f}%.", "",
         "Per call (tokens/s, wall): plain " + ", ".join(f"{r['tok_s']:.1f}" for r in p)
         + "; S3T " + ", ".join(f"{r['tok_s']:.1f}" for r in s) + ".",
     ]

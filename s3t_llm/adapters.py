@@ -92,6 +92,17 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
+def peft_lora_config(lora: dict, layers: list[int], base_model: str) -> dict:
+    """A standard PEFT ``adapter_config.json`` for LoRA on ``layers`` (read by PEFT and vLLM alike)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": 0.0, "use_rslora": lora["rslora"],
+        "target_modules": sorted(lora["target_modules"]), "layers_to_transform": list(layers),
+        "layers_pattern": "layers", "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
+    }
+
+
 class AdapterStore:
     def __init__(self, run_dir: str | Path):
         self.root = Path(run_dir)
@@ -189,8 +200,8 @@ class AdapterStore:
         The adapter is the union of the blocks' tensors (blocks cover disjoint layers), no numeric merge:
         base + this adapter computes exactly base + blocks 1..a.
         """
-        from peft import LoraConfig
-        from safetensors.torch import save_file
+        # numpy, not torch/peft: the deletion path must not pay for importing them (seconds).
+        from safetensors.numpy import load_file, save_file
 
         prefix = tuple(prefix)
         final = self.adapter_dir(name)
@@ -201,7 +212,10 @@ class AdapterStore:
         blocks = []
         for k in range(1, len(prefix) + 1):
             man = self.manifest(shard, prefix[:k])
-            t = self.load_block(shard, prefix[:k])
+            f = self.block_dir(shard, prefix[:k]) / BLOCK_FILE
+            if sha256_file(f) != man["sha256"]:
+                raise StoreError(f"block {f.parent} is corrupt: content hash does not match its manifest")
+            t = load_file(str(f))
             overlap = set(t) & set(tensors)
             if overlap:
                 raise StoreError(f"blocks overlap on {sorted(overlap)[:3]}")
@@ -213,11 +227,7 @@ class AdapterStore:
         staging = final.parent / f".staging-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
-            cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
-                             use_rslora=lora["rslora"], target_modules=sorted(lora["target_modules"]),
-                             layers_to_transform=sorted(layers), layers_pattern="layers", bias="none",
-                             task_type="CAUSAL_LM", base_model_name_or_path=base_model)
-            cfg.save_pretrained(str(staging))
+            _write_json(staging / ADAPTER_CONFIG, peft_lora_config(lora, sorted(layers), base_model))
             save_file(tensors, str(staging / ADAPTER_FILE))
             _write_json(staging / ADAPTER_MANIFEST, {
                 "name": name, "shard": int(shard), "prefix": list(prefix), "depth": len(prefix),

@@ -64,9 +64,9 @@ def cmd_train(args) -> int:
 
 def export_best(run) -> dict[int, tuple[str, int]]:
     """Materialise, for every shard, the prefix adapter of its longest surviving sequence (if new)."""
-    from .deletion import materialise_plan, serving_plan
+    from .deletion import publish
 
-    routing = materialise_plan(run, serving_plan(run))
+    routing, _ = publish(run)
     return {s: (e["name"], e["depth"]) for s, e in routing.items() if e is not None}
 
 

@@ -41,8 +41,13 @@ STEPS = ("journaled", "planned", "materialised", "switched", "destroyed", "certi
 
 
 def _crash_point(step: str) -> None:
-    """Test hook: ``S3T_CRASH_AT=<step>`` kills this process (SIGKILL, no clean-up) right after ``step``."""
-    if os.environ.get("S3T_CRASH_AT") == step:
+    """Test hook: kill this process (SIGKILL, no clean-up) right after ``step`` when ``S3T_CRASH_AT=<step>``,
+    or when the file named by ``S3T_CRASH_FILE`` holds ``<step>`` (for a long-running server)."""
+    target = os.environ.get("S3T_CRASH_AT")
+    crash_file = os.environ.get("S3T_CRASH_FILE")
+    if not target and crash_file and os.path.exists(crash_file):
+        target = Path(crash_file).read_text().strip()
+    if target == step:
         logger.warning("S3T_CRASH_AT=%s: killing the process now", step)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -252,6 +257,14 @@ def apply_deletion(run: Run, sample_ids: list[str], *, backend: Backend | None =
     if not req.newly_deleted:
         logger.info("request %s: every sample was already deleted; nothing changes", req.request_id)
     return complete_request(run, req.request_id, backend)
+
+
+def publish(run: Run, backend: Backend | None = None, reason: str = "publish") -> tuple[dict, dict | None]:
+    """Serve (and record in served.json) the current longest surviving prefix of every shard."""
+    routing = materialise_plan(run, serving_plan(run))
+    report = backend.apply_routing(routing, reason) if backend else None
+    _write_served(run, routing)
+    return routing, report
 
 
 def recover(run: Run, backend: Backend | None = None) -> list[dict]:

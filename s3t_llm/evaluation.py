@@ -580,17 +580,22 @@ class Scorer(Protocol):
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's causal ``_encode_pair`` (and its empty-context rule) with a transformers tokenizer."""
+    """lm-eval's causal ``_encode_pair`` (and its empty-context rule) with a transformers tokenizer.
+
+    Trailing spaces of the context move to the continuation; ``context + continuation`` is encoded whole and
+    the continuation tokens are those past the encoded context. An empty (or all-space) context conditions on
+    the BOS token (EOS when there is none).
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
     if context == "":
         cont = tokenizer.encode(continuation, add_special_tokens=False)
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if not cont:
             raise ValueError("empty continuation")
         return ([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context)
     cont = whole[len(ctx):]
@@ -782,7 +787,7 @@ class VLLMCompletionsScorer(TokenScorer):
         try:
             for m in self._models():
                 if m.get("max_model_len"):
-                    return int(m["max_model_len"]) - 1  # room for the one generated token
+                    return int(m["max_model_len"]) - 2  # prompt (max_length + 1) + the one generated token
         except Exception:  # noqa: BLE001 - optional information
             return None
         return None
@@ -826,7 +831,7 @@ class VLLMOfflineScorer(TokenScorer):
         self.batch_size = int(batch_size)
         if max_length is None:
             try:
-                max_length = int(llm.llm_engine.model_config.max_model_len) - 1
+                max_length = int(llm.llm_engine.model_config.max_model_len) - 2
             except Exception:  # noqa: BLE001
                 max_length = None
         self.max_length = max_length
@@ -1032,7 +1037,10 @@ def export_lm_eval_task(task: Task, out_dir: str | Path, *, task_name: str | Non
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in task.metrics],
         "metadata": {"version": 1.0, "source": "s3t_llm.evaluation.export_lm_eval_task"},
     }
-    if task.mode == "partial":
+    partial = any(it.continuation is not None for it in task.items)
+    if partial and not all(it.continuation is not None for it in task.items):
+        raise TaskError(f"task {task.name!r}: cannot export a mix of partial and choice items to lm-eval")
+    if partial:
         # lm-eval's multiple-input mode: doc_to_text returns the gold index (an int), the choices are contexts.
         cfg.update({"doc_to_text": "gold", "doc_to_target": "continuation"})
     else:
@@ -1041,7 +1049,7 @@ def export_lm_eval_task(task: Task, out_dir: str | Path, *, task_name: str | Non
     return name
 
 
-def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: str = "hf", pretrained: str | None = None,
+def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: Any = "hf", pretrained: str | None = None,
                 peft: str | None = None, dtype: str = "float32", base_url: str | None = None,
                 model_name: str | None = None, tokenizer: str | None = None, model_args: str | dict | None = None,
                 limit: int | None = None, seed: int = 0, batch_size: int | str = 16, device: str | None = None,
@@ -1065,7 +1073,9 @@ def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: str = "hf", pre
         work_dir = tmp.name
     try:
         names = [export_lm_eval_task(t, work_dir) for t in loaded]
-        if model_args is None:
+        if model_args is None and not isinstance(model, str):
+            pass  # an lm_eval LM instance (e.g. lm_eval.models.huggingface.HFLM(pretrained=<model object>))
+        elif model_args is None:
             if model == "hf":
                 if not pretrained:
                     raise ValueError("run_lm_eval(model='hf') needs pretrained=")
@@ -1080,7 +1090,7 @@ def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: str = "hf", pre
                               "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=3")
             else:
                 raise ValueError(f"run_lm_eval: give model_args= for model type {model!r}")
-        if device is None and model == "hf":
+        if device is None and isinstance(model, str) and model == "hf":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -168,7 +168,8 @@ def load_base(model_path: str, precision: str = "fp32", *, for_training: bool = 
 
 
 def build_tiny_llama(out_dir: str | Path, *, num_layers: int = 4, hidden_size: int = 128, seed: int = 0,
-                     vocab_size: int = 512, corpus: list[str] | None = None) -> Path:
+                     vocab_size: int = 512, corpus: list[str] | None = None,
+                     init_std: float = 0.02) -> Path:
     """A tiny random Llama with its own small byte-level BPE tokenizer, for tests.
 
     head_dim is 64 (hidden 128, 2 heads) because vLLM's CPU attention rejects smaller heads.
@@ -196,7 +197,8 @@ def build_tiny_llama(out_dir: str | Path, *, num_layers: int = 4, hidden_size: i
                       num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
                       num_key_value_heads=hidden_size // 64, head_dim=64, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                      initializer_range=init_std)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
     return out

@@ -336,13 +336,10 @@ class Gateway:
 
     def refresh(self, reason: str) -> dict:
         """Serve the current best prefixes (after start-up, recovery or retraining)."""
-        from .deletion import materialise_plan, serving_plan, _write_served
+        from .deletion import publish
 
         with self._deletion_lock:
-            routing = materialise_plan(self.run, serving_plan(self.run))
-            report = self.apply_routing(routing, reason)
-            _write_served(self.run, routing)
-        return report
+            return publish(self.run, self, reason)[1]
 
     def start_retrain(self) -> None:
         if self.retrain_thread and self.retrain_thread.is_alive():

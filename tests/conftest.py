@@ -28,7 +28,7 @@ def tiny_llama(tmp_path_factory, alpaca_sample):
 
     d = tmp_path_factory.mktemp("tiny-llama")
     corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
-    return build_tiny_llama(d, corpus=corpus, num_layers=4)
+    return build_tiny_llama(d, corpus=corpus, num_layers=4, vocab_size=1024)
 
 
 @pytest.fixture()

