@@ -161,19 +161,10 @@ def _print_deletion(rid, noop, changes, dead, seconds, cert) -> None:
 
 # ----- demo (the main job) --------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    print("== 1. deletion-rate simulator ==")
-    from .simulator import default_report
+    from .demo import run_demo
 
-    print(default_report(n_trials=args.trials, seed=0, out_png=args.plot))
-    print(f"plot: {Path(args.plot).resolve()}")
-    if args.simulate_only:
-        return 0
-    print("\n== 2. S3T training of the CPU default recipe ==")
-    from .paths import REPO_ROOT
-
-    ns = argparse.Namespace(recipe=str(REPO_ROOT / "recipes" / "cpu_smollm2.yaml"), overrides=args.overrides,
-                            shards=None, sequences=None, precision=None, no_export=False)
-    return cmd_train(ns)
+    return run_demo(args.recipe, args.overrides, trials=args.trials, plot=args.plot,
+                    n_deletions=args.deletions, simulate_only=args.simulate_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="apply to the stored run without a server (the next `s3t serve` serves the result)")
     sp.set_defaults(func=cmd_delete)
 
-    sp = sub.add_parser("demo", help="the main job: simulator, then training of the CPU default recipe")
-    sp.add_argument("overrides", nargs="*")
+    sp = sub.add_parser("demo", help="the main job: simulate, train the CPU default recipe, serve, delete")
+    sp.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
+    sp.add_argument("--recipe", help="recipe (default: recipes/cpu_smollm2.yaml)")
+    sp.add_argument("--deletions", type=int, default=3, help="number of deletion requests to apply")
     sp.add_argument("--trials", type=int, default=2000)
     sp.add_argument("--plot", default="simulate.png")
     sp.add_argument("--simulate-only", action="store_true")
