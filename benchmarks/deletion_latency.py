@@ -58,13 +58,13 @@ BUILD_FILE = "bench_build.json"
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default=None, help="reuse this built run directory (not modified)")
-    ap.add_argument("--name", default="smollm2-dl", help="run name when building")
+    ap.add_argument("--name", default=None, help="run name when building (default: smollm2-dl-m{m}L{L}B{B}-n{limit})")
     ap.add_argument("--runs-dir", default=str(BENCH / "runs"), help="where runs and their copies are written")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--slices", type=int, default=3)
     ap.add_argument("--budget", type=int, default=3)
-    ap.add_argument("--limit", type=int, default=96, help="training samples (data.limit)")
+    ap.add_argument("--limit", type=int, default=48, help="training samples (data.limit)")
     ap.add_argument("--heldout", type=int, default=32, help="held-out records (throughput prompts)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--layers", type=int, default=6, help="LoRA on the top N layers")
@@ -81,8 +81,12 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp-tokens", type=int, default=32)
     ap.add_argument("--tp-rounds", type=int, default=2, help="timed (base, gateway) pairs")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--tp-direct", action="store_true",
+                    help="also time the same adapters on vLLM's own port (separates gateway overhead from LoRA cost)")
     ap.add_argument("--skip-sisa", action="store_true")
     ap.add_argument("--port", type=int, default=None, help="gateway port (default: a free one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for training (1 is much faster on a shared, oversubscribed machine)")
     ap.add_argument("--out", default=str(C.RESULTS / "deletion_latency.md"))
     return ap
 
@@ -212,8 +216,10 @@ def stop_server(proc) -> None:
             proc.wait()
 
 
-def load_round(base_url: str, model: str, prompts: list[str], n_req: int, clients: int, max_tokens: int) -> dict:
-    """``n_req`` completions with ``clients`` concurrent clients; tokens = usage.completion_tokens."""
+def load_round(base_url: str, model, prompts: list[str], n_req: int, clients: int, max_tokens: int) -> dict:
+    """``n_req`` completions with ``clients`` concurrent clients; tokens = usage.completion_tokens.
+
+    ``model``: a name, or a function of the request index (the prompt is ``prompts[i % len(prompts)]``)."""
     import httpx
 
     lock = threading.Lock()
@@ -227,14 +233,15 @@ def load_round(base_url: str, model: str, prompts: list[str], n_req: int, client
                     if not todo:
                         return
                     i = todo.pop(0)
-                body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                body = {"model": model(i) if callable(model) else model, "prompt": prompts[i % len(prompts)],
+                        "max_tokens": max_tokens,
                         "temperature": 0, "ignore_eos": True}
                 t0 = time.perf_counter()
                 r = c.post("/v1/completions", json=body)
                 dt = time.perf_counter() - t0
                 j = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
                 with lock:
-                    res.append({"status": r.status_code, "seconds": dt,
+                    res.append({"i": i, "status": r.status_code, "seconds": dt,
                                 "tokens": (j.get("usage") or {}).get("completion_tokens", 0),
                                 "shard": r.headers.get("x-s3t-shard"), "adapter": r.headers.get("x-s3t-adapter")})
 
@@ -250,7 +257,8 @@ def load_round(base_url: str, model: str, prompts: list[str], n_req: int, client
     for r in res:
         shards[r["shard"]] = shards.get(r["shard"], 0) + 1
     return {"wall": wall, "tokens": tokens, "tok_s": tokens / wall, "ok": sum(r["status"] == 200 for r in res),
-            "n": len(res), "latency_p50": pct([r["seconds"] for r in res], 50), "shards": shards}
+            "n": len(res), "latency_p50": pct([r["seconds"] for r in res], 50), "shards": shards,
+            "adapters": {r["i"]: r["adapter"] for r in res}}
 
 
 def throughput(args, url: str, info: dict, run, prompts: list[str]) -> dict:
@@ -258,11 +266,19 @@ def throughput(args, url: str, info: dict, run, prompts: list[str]) -> dict:
     kw = dict(n_req=args.tp_requests, clients=args.tp_clients, max_tokens=args.tp_tokens)
     log("throughput: warm-up (untimed)")
     load_round(base_url, base_model, prompts, n_req=2 * args.tp_clients, clients=args.tp_clients, max_tokens=8)
-    load_round(url, gw_model, prompts, n_req=4 * args.tp_clients, clients=args.tp_clients, max_tokens=8)
+    # The gateway warm-up covers every request index: it also tells which adapter serves each prompt, so that
+    # the "vLLM direct" target sends the same prompt to the same adapter without the gateway in between.
+    warm = load_round(url, gw_model, prompts, n_req=args.tp_requests, clients=args.tp_clients, max_tokens=4)
+    routed = warm["adapters"]
+    targets = [("base (vLLM, no adapter)", base_url, base_model)]
+    if args.tp_direct:
+        targets.append(("vLLM direct (same adapters, no gateway)", base_url, lambda i: routed[i]))
+    targets.append(("gateway (m adapters)", url, gw_model))
     rounds = []
     for r in range(args.tp_rounds):
-        for label, u, m in (("base (vLLM, no adapter)", base_url, base_model), ("gateway (m adapters)", url, gw_model)):
+        for label, u, m in targets:
             out = load_round(u, m, prompts, **kw)
+            out.pop("adapters")
             out.update(label=label, round=r + 1)
             rounds.append(out)
             log(f"throughput {label} round {r + 1}: {out['tok_s']:.1f} tok/s ({out['tokens']} tokens, "
@@ -277,6 +293,7 @@ class LightLoad:
         self.url, self.model, self.prompts = url, model, prompts
         self.stop = threading.Event()
         self.results: list[tuple[float, int, str | None]] = []
+        self.errors: dict[tuple[int, str], int] = {}
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
     def client(self, i: int) -> None:
@@ -289,6 +306,10 @@ class LightLoad:
                 try:
                     r = c.post("/v1/completions", json={"model": self.model, "prompt": self.prompts[(i + j) % len(self.prompts)],
                                                         "max_tokens": 8, "temperature": 0})
+                    if r.status_code != 200:
+                        msg = (r.json().get("error") or {}).get("message", "")[:120]
+                        self.errors[(r.status_code, msg)] = self.errors.get((r.status_code, msg), 0) + 1
+                        time.sleep(0.2)  # no live shard left: do not spin
                     self.results.append((t0, r.status_code, r.headers.get("x-s3t-adapter")))
                 except httpx.HTTPError:
                     self.results.append((t0, -1, None))
@@ -316,7 +337,7 @@ def deletion_stream(args, url: str, info: dict, run, prompts: list[str]) -> dict
     live = sorted(cells)
     picks = random.Random(args.seed).sample(live, min(args.deletions, len(live)))
     headers = {"Authorization": f"Bearer {info['token']}"}
-    rows = []
+    rows, effect_at = [], []
     load = LightLoad(url, run.config.name, prompts, args.load_clients)
     with httpx.Client(base_url=url, timeout=3600) as c, load:
         time.sleep(1.0)
@@ -324,6 +345,7 @@ def deletion_stream(args, url: str, info: dict, run, prompts: list[str]) -> dict
             t0 = time.perf_counter()
             r = c.post("/s3t/delete", json={"ids": [sid], "request_id": f"bench-{i:03d}-{sid}"}, headers=headers)
             wall = time.perf_counter() - t0
+            effect_at.append(time.time())
             if r.status_code != 200:
                 raise RuntimeError(f"deletion {sid} failed: {r.status_code} {r.text[:500]}")
             b = r.json()
@@ -342,7 +364,11 @@ def deletion_stream(args, url: str, info: dict, run, prompts: list[str]) -> dict
     codes: dict = {}
     for _, code, _ in load.results:
         codes[code] = codes.get(code, 0) + 1
-    return {"rows": rows, "load_codes": codes, "load_n": len(load.results), "state": state}
+    all_dead_at = next((t for t, r in zip(effect_at, rows) if len(r["dead_shards"]) == run.shards), None)
+    before = [code for t0, code, _ in load.results if all_dead_at is None or t0 < all_dead_at]
+    return {"rows": rows, "load_codes": codes, "load_n": len(load.results), "state": state,
+            "load_errors": [{"status": k[0], "message": k[1], "n": v} for k, v in load.errors.items()],
+            "load_before_all_dead": {str(c): before.count(c) for c in sorted(set(before))}}
 
 
 # ----- SISA and full retraining --------------------------------------------------------------------------
@@ -489,8 +515,10 @@ def report(args, run, meta, tp, dels, sisa, full) -> str:
                    f"{sorted(st['adapters_loaded'].values())}.")
         codes = dels["load_codes"]
         out.append(f"- Light load during the stream ({args.load_clients} client(s), 8-token completions with "
-                   f"model=`{run.config.name}`): {dels['load_n']} requests, status codes {codes}"
-                   + (" (404 = no live shard left to route to)" if 404 in codes else "") + ".")
+                   f"model=`{run.config.name}`): {dels['load_n']} requests, status codes {codes}; before the "
+                   f"response to the request that left no live shard: {dels.get('load_before_all_dead')}. Errors: "
+                   + ("; ".join(f"{e['n']} x {e['status']} '{e['message']}'" for e in dels.get("load_errors", []))
+                      or "none") + ".")
         out.append("")
         per = []
         for r in rows:
@@ -530,7 +558,7 @@ def report(args, run, meta, tp, dels, sisa, full) -> str:
             trs.append([r["round"], r["label"], r["tokens"], fmt(r["wall"], 2), fmt(r["tok_s"], 1),
                         fmt(r["latency_p50"], 2), f"{r['ok']}/{r['n']}",
                         ", ".join(f"{k}: {v}" for k, v in sorted(r["shards"].items(), key=lambda x: str(x[0])))
-                        if r["label"].startswith("gateway") else "-"])
+                        if not r["label"].startswith("base") else "-"])
         out.append(C.md_table(["round", "target", "tokens", "wall s", "tokens/s", "p50 request s", "ok",
                                "requests per shard"], trs))
         out.append("")
@@ -539,18 +567,24 @@ def report(args, run, meta, tp, dels, sisa, full) -> str:
             a = agg.setdefault(r["label"], [0, 0.0])
             a[0] += r["tokens"]
             a[1] += r["wall"]
-        (bl, (bt, bw)), (gl, (gt, gw)) = list(agg.items())
-        out.append(f"**Aggregate: base {bt / bw:.1f} tokens/s, gateway {gt / gw:.1f} tokens/s: gateway/base = "
-                   f"{(gt / gw) / (bt / bw):.2f}** (per round: "
-                   + ", ".join(fmt(g["tok_s"] / b["tok_s"], 2) for b, g in zip(tp["rounds"][::2], tp["rounds"][1::2]))
-                   + ").")
+        labels = list(agg)
+        bt, bw = agg[labels[0]]
+        k = len(labels)
+        for lab in labels[1:]:
+            t, w = agg[lab]
+            j = labels.index(lab)
+            per = [tp["rounds"][i + j]["tok_s"] / tp["rounds"][i]["tok_s"] for i in range(0, len(tp["rounds"]), k)]
+            out.append(f"- **{lab}: {t / w:.1f} tokens/s vs base {bt / bw:.1f} tokens/s: ratio {(t / w) / (bt / bw):.2f}** "
+                       f"(per round: {', '.join(fmt(x, 2) for x in per)})")
         out.append("")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    C.setup_device("cpu")
+    if args.name is None:
+        args.name = f"smollm2-dl-m{args.shards}L{args.slices}B{args.budget}-n{args.limit}"
+    C.setup_device("cpu", args.threads)
     import logging
 
     logging.basicConfig(level=logging.WARNING)

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -570,4 +569,23 @@ def test_vllm_offline_scorer_matches_hf_scorer(tiny_hf, tiny_llama, monkeypatch)
             n_tok = len(encode_pair(tok, ctx, cont)[1])
             assert g == pytest.approx(w, abs=0.05 * n_tok + 0.05), (ctx, cont)
     finally:
+        try:  # stop the engine process now rather than at interpreter exit (quieter logs)
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
         del llm
+
+
+@needs_data
+def test_mmlu_subject_as_its_own_task_via_include():
+    t = load_task({"include": "mmlu", "name": "mmlu_anatomy", "path": "eval/mmlu/test/anatomy_test.csv"})
+    assert t.name == "mmlu_anatomy" and t.n_total == 135 and {it.group for it in t.items} == {"anatomy"}
+    assert t.items[0].context.startswith("The following are multiple choice questions (with answers) about anatomy.")
+
+
+def test_hub_source_offline_raises_task_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TaskError, match="cannot load hub dataset"):
+        load_task({"name": "h", "hub": {"path": "no-such-org/no-such-dataset-s3t", "split": "test"},
+                   "prompt": "{q}", "choices": "opts", "gold": "label"})
