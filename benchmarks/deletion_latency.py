@@ -88,6 +88,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for training (1 is much faster on a shared, oversubscribed machine)")
     ap.add_argument("--out", default=str(C.RESULTS / "deletion_latency.md"))
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="only re-render the Markdown from a results JSON written by an earlier invocation")
     return ap
 
 
@@ -363,7 +365,7 @@ def deletion_stream(args, url: str, info: dict, run, prompts: list[str]) -> dict
         state = c.get("/s3t/state").json()
     codes: dict = {}
     for _, code, _ in load.results:
-        codes[code] = codes.get(code, 0) + 1
+        codes[str(code)] = codes.get(str(code), 0) + 1
     all_dead_at = next((t for t, r in zip(effect_at, rows) if len(r["dead_shards"]) == run.shards), None)
     before = [code for t0, code, _ in load.results if all_dead_at is None or t0 < all_dead_at]
     return {"rows": rows, "load_codes": codes, "load_n": len(load.results), "state": state,
@@ -548,17 +550,21 @@ def report(args, run, meta, tp, dels, sisa, full) -> str:
     if tp:
         out.append("## Serving throughput: gateway with m adapters vs vLLM serving the base model alone")
         out.append("")
+        labels = list(dict.fromkeys(r["label"] for r in tp["rounds"]))
         out.append(f"{args.tp_requests} requests x {args.tp_tokens} generated tokens (`ignore_eos`, greedy), "
-                   f"{args.tp_clients} concurrent clients, held-out Alpaca prompts (same for both); interleaved "
-                   f"base, gateway, ... after an untimed warm-up. Gateway: model=`{run.config.name}`, hash-routed "
-                   f"over the live shard adapters; base: vLLM's own port, model=<base path>.")
+                   f"{args.tp_clients} concurrent clients, held-out Alpaca prompts (the same for every target); "
+                   f"interleaved {', '.join(labels)}, ... after an untimed warm-up. Gateway: model=`{run.config.name}`, "
+                   f"hash-routed over the live shard adapters; base: vLLM's own port, model=<base path>"
+                   + ("; vLLM direct: vLLM's own port, each prompt sent to the adapter the gateway routed it to in "
+                      "the warm-up (same adapters, same assignment, no gateway hop)" if len(labels) > 2 else "") + ".")
         out.append("")
         trs = []
         for r in tp["rounds"]:
             trs.append([r["round"], r["label"], r["tokens"], fmt(r["wall"], 2), fmt(r["tok_s"], 1),
                         fmt(r["latency_p50"], 2), f"{r['ok']}/{r['n']}",
                         ", ".join(f"{k}: {v}" for k, v in sorted(r["shards"].items(), key=lambda x: str(x[0])))
-                        if not r["label"].startswith("base") else "-"])
+                        if r["label"].startswith("gateway") else "-" if r["label"].startswith("base")
+                        else "as gateway"])
         out.append(C.md_table(["round", "target", "tokens", "wall s", "tokens/s", "p50 request s", "ok",
                                "requests per shard"], trs))
         out.append("")
@@ -592,6 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     from s3t_llm.prompts import render_prompt
     from s3t_llm.serving import free_port
 
+    if args.render:
+        raw = json.loads(Path(args.render).read_text())
+        meta = raw["meta"]
+        margs = make_parser().parse_args(shlex.split(meta["command"])[2:])
+        if margs.name is None:
+            margs.name = f"smollm2-dl-m{margs.shards}L{margs.slices}B{margs.budget}-n{margs.limit}"
+        run = Run.open(margs.run or Path(margs.runs_dir) / margs.name)
+        md = report(margs, run, meta, raw["throughput"], raw["deletions"], raw["sisa"], raw["full"])
+        print(md)
+        Path(args.out).write_text(md + "\n")
+        return 0
     t_start = time.perf_counter()
     command = ".venv/bin/python benchmarks/deletion_latency.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,22 @@ def _print_deletion(rid, noop, changes, dead, seconds, cert) -> None:
     print(f"request {rid}: effective {seconds:.2f} s after it was received; certificate {cert}")
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_served
+    from .run import Run
+    from .serving import SERVE_FILE
+
+    run = Run.open(args.run)
+    sf = run.dir / SERVE_FILE
+    if not sf.exists():
+        raise FileNotFoundError(f"run {run.config.name} is not serving; start it with `s3t serve {args.run}`")
+    info = json.loads(sf.read_text())
+    res = evaluate_served(run, info["url"], tasks=args.tasks.split(","), limit=args.limit or None, heldout=args.heldout,
+                          base_url=info["vllm_url"] if args.base else None, progress=True)
+    print(json.dumps({k: v for k, v in res.items()}, indent=2, default=str))
+    return 0
+
+
 # ----- demo (the main job) --------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -212,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--offline", action="store_true",
                     help="apply to the stored run without a server (the next `s3t serve` serves the result)")
     sp.set_defaults(func=cmd_delete)
+
+    sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a serving run")
+    sp.add_argument("run")
+    sp.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names (eval/tasks/*.yaml)")
+    sp.add_argument("--limit", type=int, default=100, help="items per task (a fixed seeded subset); 0 for all")
+    sp.add_argument("--heldout", type=int, default=64, help="held-out Alpaca records for the loss")
+    sp.add_argument("--base", action="store_true", help="also score the base model as a reference")
+    sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("demo", help="the main job: simulate, train the CPU default recipe, serve, delete")
     sp.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")

@@ -65,7 +65,7 @@ def start_serving(run_dir: Path, port: int) -> tuple[subprocess.Popen, str, str]
 
 def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, trials: int = 2000,
              plot: str = "simulate.png", n_deletions: int = 3, port: int | None = None,
-             simulate_only: bool = False, evaluate: bool = True) -> int:
+             simulate_only: bool = False, evaluate: bool = True, eval_limit: int = 40) -> int:
     import requests
 
     from .config import load_config
@@ -101,11 +101,13 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
                                                          "max_tokens": 48, "temperature": 0}, timeout=300)
         print(f"  {r.headers.get('x-s3t-adapter')} answers: {r.json()['choices'][0]['text'].strip()[:200]!r}")
 
-        _banner(f"4. applying a deletion list of {n_deletions + 1} requests through the gateway")
+        _banner(f"4. applying a deletion list of {n_deletions + 1} requests through the gateway, "
+                "evaluating the served model after each (zero-shot ARC-Easy + PIQA subsets, held-out loss)")
         deletions = pick_deletions(run, n_deletions)
         (run.dir / "demo_deletions.json").write_text(json.dumps(deletions, indent=1))
-        evals = []
-        for ids in deletions:
+        vllm_url = json.loads((run.dir / "serve.json").read_text())["vllm_url"]
+        evals = [_evaluate(run, url, vllm_url, 0, eval_limit)] if evaluate else []
+        for step, ids in enumerate(deletions, start=1):
             t1 = time.perf_counter()
             r = requests.post(f"{url}/s3t/delete", json={"ids": ids},
                               headers={"Authorization": f"Bearer {token}"}, timeout=600)
@@ -120,12 +122,14 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
             print(f"  delete {ids[0]}: {what}; effective in {body['deletion_to_effect_seconds']:.2f} s "
                   f"(HTTP round trip {wall:.2f} s); certificate {body['certificate']}")
             if evaluate:
-                evals.append(_evaluate_served(run, url))
+                evals.append(_evaluate(run, url, vllm_url, step, eval_limit))
         st = requests.get(f"{url}/s3t/state", timeout=60).json()
         print("  served now: " + ", ".join(f"shard {s['shard']} depth {s['depth']}" for s in st["shards"]))
         print(f"  engine adapter ids: {st['engine_adapter_ids']}  loaded: {st['adapters_loaded']}")
         if evals:
-            (run.dir / "demo_eval.json").write_text(json.dumps(evals, indent=1))
+            _banner("5. evaluation after each deletion")
+            report = write_report(run, evals)
+            print(f"report: {(report / 'report.md').resolve()}\nplot: {(report / 'quality_vs_deletions.png').resolve()}")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -136,15 +140,68 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     return 0
 
 
-def _evaluate_served(run, url: str) -> dict:
-    """Held-out loss of the served model after a deletion (the evaluation harness, when present)."""
-    try:
-        from .evaluation import heldout_loss_served  # provided by the evaluation harness
-    except ImportError:
-        return {}
-    res = heldout_loss_served(run, url)
-    print(f"    held-out loss {res}")
+def _evaluate(run, url: str, vllm_url: str, step: int, limit: int) -> dict:
+    """Zero-shot ensemble scores and held-out loss of the served run, with the base model as reference."""
+    from .evaluation import evaluate_served
+
+    t0 = time.perf_counter()
+    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=32, base_url=vllm_url)
+    res["requests"] = step
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    scores = ", ".join(f"{t} {100 * v['acc']:.1f}% (base {100 * v['base_acc']:.1f}%)"
+                       for t, v in res["tasks"].items() if "acc" in v)
+    h = res["heldout"]
+    loss = f"held-out loss {h['mean']:.3f} (base {h['base']:.3f})" if h.get("mean") is not None else "no live shard"
+    print(f"    after {step} request(s): {scores or 'no live shard'}; {loss}; depths {res['depths']} "
+          f"[{res['seconds']} s]", flush=True)
     return res
+
+
+def write_report(run, evals: list[dict]) -> Path:
+    """JSONL of the measurements, a plot of quality against deletions, and a markdown report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = run.dir / "report"
+    out.mkdir(exist_ok=True)
+    (out / "deletion_stream.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    xs = [e["requests"] for e in evals]
+    tasks = sorted({t for e in evals for t in e["tasks"]})
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.4))
+    for ax, t in zip(axes, tasks):
+        ax.plot(xs, [100 * e["tasks"].get(t, {}).get("acc", float("nan")) for e in evals], "o-", label="S3T served (ensemble)")
+        base = [e["tasks"][t]["base_acc"] for e in evals if "base_acc" in e["tasks"].get(t, {})]
+        if base:
+            ax.axhline(100 * base[0], color="gray", ls="--", label="base, no fine-tuning")
+        ax.set(title=f"{t} accuracy (%)", xlabel="deletion requests")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    ax.plot(xs, [e["heldout"].get("mean", float("nan")) or float("nan") for e in evals], "o-", label="S3T served (mean over shards)")
+    if evals and evals[0]["heldout"].get("base") is not None:
+        ax.axhline(evals[0]["heldout"]["base"], color="gray", ls="--", label="base, no fine-tuning")
+    ax.set(title="held-out Alpaca loss / token", xlabel="deletion requests")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_deletions.png", dpi=120)
+    plt.close(fig)
+    lines = ["# Deletion stream: quality of the served S3T model after each request", "",
+             f"Run `{run.config.name}` ({run.shards} shards x {run.config.s3t.slices} slices, "
+             f"B={len(run.sequences)}), base `{run.model_path}`.", "",
+             "| requests | served depths | " + " | ".join(f"{t} acc (base)" for t in tasks) + " | held-out loss (base) |",
+             "|---|---|" + "---|" * len(tasks) + "---|"]
+    for e in evals:
+        cells = []
+        for t in tasks:
+            v = e["tasks"].get(t, {})
+            cells.append(f"{100 * v['acc']:.1f} ({100 * v['base_acc']:.1f})" if "acc" in v else "n/a")
+        h = e["heldout"]
+        loss = f"{h['mean']:.3f} ({h['base']:.3f})" if h.get("mean") is not None else "n/a (no live shard)"
+        lines.append(f"| {e['requests']} | {e['depths']} | " + " | ".join(cells) + f" | {loss} |")
+    lines += ["", "![quality vs deletions](quality_vs_deletions.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1110,3 +1110,71 @@ __all__ = [
     "evaluate", "ensemble_probs", "item_predictions", "format_results", "export_lm_eval_task", "run_lm_eval",
     "hellaswag_preprocess", "TASKS_DIR",
 ]
+
+
+# ----- a served S3T run -----------------------------------------------------------------------------
+def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str = "alpaca") -> dict:
+    """Mean per-token loss of the completions (EOS included) given their Alpaca prompts: completion only."""
+    from .prompts import to_example
+
+    tok = scorer.tokenizer
+    pairs = []
+    for r in records:
+        ex = to_example(r, template, tok)
+        ctx, cont = encode_pair(tok, ex["prompt"], ex["completion"])
+        pairs.append((ctx, cont + [tok.eos_token_id]))
+    got = scorer.loglikelihood_tokens(pairs)
+    n_tok = sum(len(c) for _, c in pairs)
+    nll = -sum(g[0] for g in got)
+    per_sample = [-g[0] / max(1, len(c)) for g, (_, c) in zip(got, pairs)]
+    return {"loss": nll / max(1, n_tok), "n_samples": len(pairs), "n_tokens": n_tok, "per_sample": per_sample}
+
+
+def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy", "piqa"), limit: int | None = 50,
+                    heldout: int = 32, seed: int = 0, base_url: str | None = None, progress: bool = False) -> dict:
+    """Zero-shot scores (per live shard adapter and their ensemble) and held-out loss of a served run.
+
+    Every live shard's adapter is scored through the gateway (``model`` = the adapter's name); the ensemble
+    averages the shards' choice probabilities, as SISA/S3T ensembles do. ``base_url`` (vLLM's own URL) adds
+    the base model without any fine-tuning as a reference column ``base``.
+    """
+    import requests
+
+    state = requests.get(f"{gateway_url}/s3t/state", timeout=60).json()
+    live = [s for s in state["shards"] if s["adapter"]]
+    max_len = max(512, run.config.data.max_length * 2) - 2
+    scorers: dict[str, TokenScorer] = {}
+    tok = None
+    for s in live:
+        sc = VLLMCompletionsScorer(gateway_url, s["adapter"], tokenizer=tok or run.model_path, max_length=max_len)
+        tok = sc.tokenizer
+        scorers[f"shard{s['shard']}"] = sc
+    out: dict[str, Any] = {"live_shards": [s["shard"] for s in live],
+                           "depths": [s["depth"] for s in state["shards"]], "tasks": {}, "heldout": {}}
+    refs = {}
+    if base_url:
+        refs["base"] = VLLMCompletionsScorer(base_url, state["base_model"], tokenizer=tok or run.model_path,
+                                             max_length=max_len)
+    if not scorers:
+        out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
+    loaded = [load_task(t, limit=limit, seed=seed) for t in tasks]
+    if scorers:
+        res = evaluate(scorers, loaded, progress=progress)
+        for name, tr in res["tasks"].items():
+            ens = tr["ensemble"] if len(scorers) > 1 else tr["scorers"][next(iter(scorers))]
+            out["tasks"][name] = {"acc": ens["acc"], "acc_norm": ens["acc_norm"], "n": tr["n"],
+                                  "per_shard": {s: tr["scorers"][s]["acc"] for s in scorers}}
+    if refs:
+        res = evaluate(refs, loaded, progress=progress)
+        for name, tr in res["tasks"].items():
+            out["tasks"].setdefault(name, {})["base_acc"] = tr["scorers"]["base"]["acc"]
+            out["tasks"][name]["base_acc_norm"] = tr["scorers"]["base"]["acc_norm"]
+    recs = run.heldout()[:heldout]
+    if recs:
+        tmpl = run.config.data.template
+        losses = {s: heldout_loss(sc, recs, tmpl)["loss"] for s, sc in scorers.items()}
+        out["heldout"] = {"n": len(recs), "per_shard": losses,
+                          "mean": sum(losses.values()) / len(losses) if losses else None}
+        if refs:
+            out["heldout"]["base"] = heldout_loss(refs["base"], recs, tmpl)["loss"]
+    return out

@@ -66,7 +66,8 @@ def served(tmp_path_factory, alpaca_sample):
     data = d / "data.json"
     data.write_text(json.dumps(alpaca_sample[:48]))
     run = Run.create(make_cfg(d, model, data, name="srv", extra=[
-        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2"]))
+        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2",
+        "data.heldout=8"]))
     train_run(run, progress=False)
     publish(run)
     pristine = d / "pristine"
@@ -137,6 +138,23 @@ def test_greedy_outputs_equal_peft(served):
         for p in PROMPTS:
             out = gw_complete(url, s["adapter"], p, max_tokens=10).json()
             assert_matches_peft(served["model"], run.store.adapter_dir(s["adapter"]), p, out["choices"][0]["token_ids"])
+
+
+def test_served_evaluation_matches_peft(served):
+    from s3t_llm.evaluation import HFScorer, evaluate_served, heldout_loss
+
+    url, run = served["url"], served["run"]
+    vllm_url = json.load(open(run.dir / "serve.json"))["vllm_url"]
+    res = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8, base_url=vllm_url)
+    st = state(url)
+    assert res["live_shards"] == [0, 1] and res["tasks"]["arc_easy"]["n"] == 8
+    assert set(res["tasks"]["arc_easy"]["per_shard"]) == {"shard0", "shard1"}
+    assert 0.0 <= res["tasks"]["arc_easy"]["acc"] <= 1.0 and "base_acc" in res["tasks"]["arc_easy"]
+    assert len(run.heldout()) == 8
+    name = st["shards"][0]["adapter"]
+    hf = HFScorer.from_pretrained(str(served["model"]), adapter=str(run.store.adapter_dir(name)))
+    ref = heldout_loss(hf, run.heldout()[:8])["loss"]
+    assert abs(res["heldout"]["per_shard"]["shard0"] - ref) < 0.05 * ref, (res["heldout"], ref)
 
 
 def test_bad_deletion_requests_change_nothing(served):
