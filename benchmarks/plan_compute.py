@@ -87,8 +87,14 @@ def plan_stats(m: int, L: int, B: int, method: str = "cyclic", N: int = 30, n: i
 
 def analytic_table(plans, method: str, N: int, n: int) -> tuple[str, list[dict]]:
     rows, stats = [], []
+    from s3t_llm.planner import PlanError
+
     for m, L, B in plans:
-        st = plan_stats(m, L, B, method, N, n)
+        try:
+            st = plan_stats(m, L, B, method, N, n)
+        except PlanError as e:  # e.g. bms supports at most L*(L-1) sequences
+            rows.append([m, L, B, f"n/a: {e}", *[""] * 7])
+            continue
         stats.append(st)
         f = st["full"]
         w = (f"{st['w_no'] / f:.2f}x", f"{st['w_sh'] / f:.2f}x") if "w_no" in st else ("n/a", "n/a")

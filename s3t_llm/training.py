@@ -200,7 +200,8 @@ class StageTrainer:
             p.requires_grad_(False)
 
         # A deletion that arrived during training invalidates what was just trained: do not store it.
-        _, hashes_after, _ = self.stage_examples(shard, prefix)
+        with run.ledger() as led:
+            hashes_after = {str(sl): led.slice_hash(DATASET, shard, sl) for sl in prefix}
         if hashes_after != hashes:
             raise StaleStageError(f"slices of shard {shard} prefix {prefix} changed during training")
         lc = cfg.lora
