@@ -7,7 +7,6 @@ Every step reuses what a previous invocation finished (training resumes at the f
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess

@@ -222,6 +222,11 @@ class Gateway:
         old = dict(self.routing)
         new_names = {e["name"] for e in routing.values() if e}
         old_names = {e["name"] for e in old.values() if e}
+        if old == routing and all(n in self.server.ids for n in new_names):
+            # Nothing served changes: no engine round trips (they queue behind generation steps under load).
+            return {"loaded": [], "removed": [], "engine_ids": sorted(self.server.ids.values()),
+                    "switch_seconds": 0.0, "total_seconds": round(time.perf_counter() - t0, 4),
+                    "prefix_cache_reset": False}
         loaded = []
         for e in routing.values():
             if e and e["name"] not in self.server.ids:
@@ -237,10 +242,8 @@ class Gateway:
             removed.append(self.server.remove(name))
         if removed:
             self.server.reset_prefix_cache()
-        engine = self.server.engine_loras()
-        leftover = [r for r in removed if r["engine_id"] in engine]
-        if leftover:
-            raise ServingError(f"engine still holds retired adapters {leftover}")
+        # remove() verified each id against the engine's own list; report the engine's list once.
+        engine = removed[-1]["engine_ids_after"] if removed else sorted(self.server.engine_loras())
         return {"loaded": loaded, "removed": removed, "engine_ids": sorted(engine),
                 "switch_seconds": round(t_switched - t0, 4), "total_seconds": round(time.perf_counter() - t0, 4),
                 "prefix_cache_reset": bool(removed)}
@@ -259,40 +262,43 @@ class Gateway:
         return sorted(s for s, e in self.routing.items() if e)
 
     def route(self, model: str, body: dict, shard_header: str | None) -> tuple[str, int | None]:
-        """Pick the vLLM model name for a request; raises KeyError(msg) for unknown/retired models."""
+        """Pick the vLLM model name for a request and count it in flight (under the routing lock, so a
+        switch can never drain an adapter between the choice and the count); the caller must ``_exit``.
+        Raises LookupError(msg) for unknown or retired models."""
         with self._cond:
-            if model == self.run.config.name:
-                live = self.live_shards()
-                if shard_header is not None:
-                    try:
-                        shard = int(shard_header)
-                    except ValueError:
-                        raise LookupError(f"X-S3T-Shard {shard_header!r} is not an integer") from None
-                    if shard not in self.routing:
-                        raise LookupError(f"shard {shard} does not exist")
-                    entry = self.routing[shard]
-                    if entry is None:
-                        if self.dead_shard == "base":
-                            return self.server.model_path, shard
-                        raise LookupError(f"shard {shard} has no surviving prefix (needs retraining)")
-                    return entry["name"], shard
-                if not live:
-                    if self.dead_shard == "base":
-                        return self.server.model_path, None
-                    raise LookupError("no shard of this run has a surviving prefix: every shard needs retraining")
-                key = json.dumps(body.get("prompt", body.get("messages")), sort_keys=True).encode()
-                shard = live[int(hashlib.sha256(key).hexdigest(), 16) % len(live)]
-                return self.routing[shard]["name"], shard
-            for s, e in self.routing.items():
-                if e and e["name"] == model:
-                    return model, s
-            if model in self.retired:
-                raise LookupError(f"adapter {model} was retired ({self.retired[model]})")
-            raise LookupError(f"model {model!r} is not served; see GET /v1/models")
+            target, shard = self._route_locked(model, body, shard_header)
+            self.inflight[target] = self.inflight.get(target, 0) + 1
+            return target, shard
 
-    def _enter(self, name: str) -> None:
-        with self._cond:
-            self.inflight[name] = self.inflight.get(name, 0) + 1
+    def _route_locked(self, model: str, body: dict, shard_header: str | None) -> tuple[str, int | None]:
+        if model == self.run.config.name:
+            live = self.live_shards()
+            if shard_header is not None:
+                try:
+                    shard = int(shard_header)
+                except ValueError:
+                    raise LookupError(f"X-S3T-Shard {shard_header!r} is not an integer") from None
+                if shard not in self.routing:
+                    raise LookupError(f"shard {shard} does not exist")
+                entry = self.routing[shard]
+                if entry is None:
+                    if self.dead_shard == "base":
+                        return self.server.model_path, shard
+                    raise LookupError(f"shard {shard} has no surviving prefix (needs retraining)")
+                return entry["name"], shard
+            if not live:
+                if self.dead_shard == "base":
+                    return self.server.model_path, None
+                raise LookupError("no shard of this run has a surviving prefix: every shard needs retraining")
+            key = json.dumps(body.get("prompt", body.get("messages")), sort_keys=True).encode()
+            shard = live[int(hashlib.sha256(key).hexdigest(), 16) % len(live)]
+            return self.routing[shard]["name"], shard
+        for s, e in self.routing.items():
+            if e and e["name"] == model:
+                return model, s
+        if model in self.retired:
+            raise LookupError(f"adapter {model} was retired ({self.retired[model]})")
+        raise LookupError(f"model {model!r} is not served; see GET /v1/models")
 
     def _exit(self, name: str) -> None:
         with self._cond:
@@ -365,6 +371,7 @@ class Gateway:
     def app(self):
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse, StreamingResponse
+        from starlette.background import BackgroundTask
 
         app = FastAPI(title="s3t gateway")
         client = httpx.AsyncClient(base_url=self.server.url, timeout=httpx.Timeout(600.0))
@@ -385,7 +392,13 @@ class Gateway:
                 return err(404, str(e).strip("'\""), "NotFoundError")
             body = dict(body, model=target)
             headers = {"X-S3T-Adapter": target, "X-S3T-Shard": "" if shard is None else str(shard)}
-            self._enter(target)
+            released = []
+
+            def release():  # exactly once, whichever of the paths below gets there first
+                if not released:
+                    released.append(True)
+                    self._exit(target)
+
             if body.get("stream"):
                 async def gen():
                     try:
@@ -393,18 +406,24 @@ class Gateway:
                             async for chunk in r.aiter_raw():
                                 yield chunk
                     finally:
-                        self._exit(target)
-                return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+                        release()
+                # The background task also runs when the client goes away before the body starts.
+                return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
+                                         background=BackgroundTask(release))
             try:
                 r = await client.post(path, json=body)
             except httpx.HTTPError as e:
                 return err(502, f"vLLM did not answer: {e}", "upstream_error")
             finally:
-                self._exit(target)
+                release()
             if r.status_code == 404 and target in self.retired:
                 return err(503, f"adapter {target} was retired ({self.retired[target]}) while this request was "
                                 "in flight; retry with the run name", "AdapterRetired")
-            return JSONResponse(r.json(), status_code=r.status_code, headers=headers)
+            try:
+                payload = r.json()
+            except ValueError:
+                return err(502, f"vLLM answered {r.status_code} with a non-JSON body: {r.text[:300]}", "upstream_error")
+            return JSONResponse(payload, status_code=r.status_code, headers=headers)
 
         @app.post("/v1/completions")
         async def completions(request: Request):

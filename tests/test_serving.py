@@ -113,7 +113,7 @@ def state(url):
 
 
 def test_routing_state_and_direct_names(served):
-    url, run = served["url"], served["run"]
+    url = served["url"]
     models = {m["id"] for m in requests.get(f"{url}/v1/models").json()["data"]}
     st = state(url)
     adapters = {s["adapter"] for s in st["shards"]}
