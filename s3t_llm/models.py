@@ -169,7 +169,7 @@ def load_base(model_path: str, precision: str = "fp32", *, for_training: bool = 
 
 def build_tiny_llama(out_dir: str | Path, *, num_layers: int = 4, hidden_size: int = 128, seed: int = 0,
                      vocab_size: int = 512, corpus: list[str] | None = None,
-                     init_std: float = 0.02) -> Path:
+                     init_std: float = 0.02, bf16_exact: bool = False) -> Path:
     """A tiny random Llama with its own small byte-level BPE tokenizer, for tests.
 
     head_dim is 64 (hidden 128, 2 heads) because vLLM's CPU attention rejects smaller heads.
@@ -200,5 +200,11 @@ def build_tiny_llama(out_dir: str | Path, *, num_layers: int = 4, hidden_size: i
                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
                       initializer_range=init_std)
     model = LlamaForCausalLM(cfg)
+    if bf16_exact:
+        # Weights exactly representable in bf16: a bf16 server (vLLM on CPU) and an fp32 reference then
+        # start from identical base weights, so comparisons measure the serving path, not weight rounding.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
     model.save_pretrained(out)
     return out

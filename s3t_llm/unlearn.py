@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -52,7 +53,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, check_adapter_name, layer_of, peft_lora_config, sha256_file
+from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, check_adapter_name, peft_lora_config, sha256_file
 from .prompts import to_example
 from .run import DATASET, Run
 
@@ -139,7 +140,7 @@ def example_losses(model, tokenizer, examples: list[dict], *, max_length: int, b
     import torch
 
     toks = tokenize_examples(examples, tokenizer, max_length)
-    keep = [i for i, t in enumerate(toks) if t is not None]
+    keep = sorted((i for i, t in enumerate(toks) if t is not None), key=lambda i: len(toks[i]["input_ids"]))  # less padding
     out = [float("nan")] * len(examples)
     was_training = model.training
     model.eval()
@@ -160,8 +161,8 @@ def membership_auc(member_losses: list[float], nonmember_losses: list[float]) ->
 
     0.5: the losses do not tell the forget set from unseen data; 1.0: every forget sample is recognisable.
     """
-    m = [x for x in member_losses if x == x]
-    h = [x for x in nonmember_losses if x == x]
+    m = [x for x in member_losses if not math.isnan(x)]
+    h = [x for x in nonmember_losses if not math.isnan(x)]
     if not m or not h:
         raise ValueError("membership_auc needs at least one loss on each side")
     wins = sum((a < b) + 0.5 * (a == b) for a in m for b in h)
@@ -496,7 +497,7 @@ def served_adapter(run: Run, shard: int) -> dict:
         tensors.update(store.load_block(shard, prefix[:k]))
         layers.extend(man["layers"])
         trained.update(man["sample_ids"])
-        blocks.append({"prefix": list(prefix[:k]), "sha256": man["sha256"]})
+        blocks.append({"prefix": list(prefix[:k]), "sha256": man["sha256"], "slice_hashes": man["slice_hashes"]})
     return {**entry, "tensors": tensors, "layers": sorted(layers), "trained_ids": trained, "blocks": blocks}
 
 

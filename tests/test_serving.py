@@ -22,7 +22,10 @@ from s3t_llm.training import train_run  # noqa: E402
 from tests.test_training import make_cfg  # noqa: E402
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a sunset"]
+from s3t_llm.prompts import alpaca_prompt  # noqa: E402
+
+PROMPTS = [alpaca_prompt(q) for q in ("Give three tips for staying healthy.", "What is the capital of France?",
+                                      "Describe a sunset.")]
 
 
 def start_server(run_dir, port, env_extra=None, timeout=420):
@@ -62,7 +65,8 @@ def served(tmp_path_factory, alpaca_sample):
     corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
     # A larger init makes the tiny model's next-token distributions peaked, so that greedy decoding is
     # decided by margins far above bf16 rounding and vLLM/PEFT outputs can be compared token by token.
-    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2)
+    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2,
+                             bf16_exact=True)
     data = d / "data.json"
     data.write_text(json.dumps(alpaca_sample[:48]))
     run = Run.create(make_cfg(d, model, data, name="srv", extra=[
@@ -82,13 +86,17 @@ def served(tmp_path_factory, alpaca_sample):
 
 
 def gw_complete(url, model, prompt, max_tokens=8, headers=None):
+    # ignore_eos: always max_tokens tokens, so that greedy comparisons have a fixed, non-trivial length.
     return requests.post(f"{url}/v1/completions", json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True},
-        headers=headers or {}, timeout=120)
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
+        "ignore_eos": True}, headers=headers or {}, timeout=120)
 
 
-def assert_matches_peft(model_dir, adapter_dir, prompt, token_ids, tol=0.25):
-    """vLLM's greedy tokens equal PEFT's argmax wherever PEFT's top-2 margin exceeds bf16 noise."""
+def assert_matches_peft(model_dir, adapter_dir, prompt, token_ids, rel_tol=0.03):
+    """vLLM's greedy tokens equal PEFT's argmax wherever PEFT's top-2 margin exceeds bf16 noise.
+
+    vLLM computes in bf16 (8 mantissa bits), PEFT in fp32: logits differ by up to a few percent of their
+    scale, so a step counts as decided when the fp32 top-2 margin exceeds ``rel_tol`` x max |logit|."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,11 +108,12 @@ def assert_matches_peft(model_dir, adapter_dir, prompt, token_ids, tol=0.25):
         logits = m(torch.tensor([ids + list(token_ids)])).logits[0]
     decisive = 0
     for i, t in enumerate(token_ids):
-        top = logits[len(ids) - 1 + i].topk(2)
-        if float(top.values[0] - top.values[1]) > tol:
+        row = logits[len(ids) - 1 + i]
+        top = row.topk(2)
+        if float(top.values[0] - top.values[1]) > max(0.2, rel_tol * float(row.abs().max())):
             decisive += 1
             assert int(top.indices[0]) == t, f"step {i}: PEFT argmax {int(top.indices[0])} != vLLM token {t}"
-    assert decisive >= len(token_ids) // 2, "too few decisive steps: the comparison would be vacuous"
+    assert decisive >= len(token_ids) // 3, "too few decisive steps: the comparison would be vacuous"
     return logits
 
 

@@ -9,13 +9,25 @@ torch = pytest.importorskip("torch")
 
 from s3t_llm.deletion import publish, serving_plan  # noqa: E402
 from s3t_llm.ledger import UnknownSampleError  # noqa: E402
+from s3t_llm.prompts import to_example  # noqa: E402
 from s3t_llm.run import DATASET, Run  # noqa: E402
 from s3t_llm.training import train_run  # noqa: E402
 from s3t_llm.unlearn import (  # noqa: E402
-    MANIFEST, example_losses, finetune_masked, gradient_baseline, load_adapter_model, localize, mask_stats,
-    membership_auc, random_rows, reset, saved_key, select_rows, served_adapter, tokenize_examples, unlearn,
+    MANIFEST,
+    example_losses,
+    finetune_masked,
+    gradient_baseline,
+    load_adapter_model,
+    localize,
+    mask_stats,
+    membership_auc,
+    random_rows,
+    reset,
+    select_rows,
+    served_adapter,
+    tokenize_examples,
+    unlearn,
 )
-from s3t_llm.prompts import to_example  # noqa: E402
 from tests.test_training import make_cfg  # noqa: E402
 
 
