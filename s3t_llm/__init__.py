@@ -5,6 +5,15 @@ Modules, one concept each:
 - ``ledger``    the durable SQLite ledger of samples, their (shard, slice) cells and the deletion journal.
 - ``planner``   slice orderings ("sequences") per shard: cyclic rotation, BMS, random.
 - ``simulator`` Monte-Carlo deletion-rate simulator and its closed form.
+- ``config``    the typed run configuration (YAML recipes + overrides).
+- ``models``    base models: resolving, checking, loading (8-bit/bf16/fp32), tiny test Llamas.
+- ``run``       a run directory: config, ledger, plan, block layout, surviving prefixes.
+- ``training``  stage training of LoRA blocks with TRL.
+- ``adapters``  the adapter store: blocks and materialised prefix adapters.
+- ``deletion``  deletion requests: journal, plan, switch, destroy, certify; crash recovery.
+- ``serving``   vLLM multi-LoRA server + the S3T gateway; ``vllm_ext`` its worker extension.
+- ``evaluation`` zero-shot tasks, scorers (HF / vLLM), shard ensembles, held-out loss, lm-eval bridge.
+- ``unlearn``   DEL and gradient baselines: approximate unlearning, no guarantee.
 - ``paths``     where shared data, caches and runs live.
 - ``cli``       the ``s3t`` command.
 """

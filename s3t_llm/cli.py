@@ -175,6 +175,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_unlearn(args) -> int:
+    from .unlearn import unlearn
+
+    path = unlearn(args.run, _deletion_ids(args.ids), args.method, shard=args.shard, alpha=args.alpha,
+                   variant=args.variant, epochs=args.epochs, lr=args.lr, out_name=args.name)
+    man = json.loads((path / "unlearn_manifest.json").read_text())
+    print(f"{args.method}: approximate unlearning of {man['n_forget']} sample(s) of shard {man['shard']} "
+          f"in {man['seconds']:.1f} s (NO guarantee: use `s3t delete` for exact deletion)")
+    print(f"adapter: {path} (servable like any PEFT adapter)")
+    return 0
+
+
 # ----- demo (the main job) --------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -236,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--heldout", type=int, default=64, help="held-out Alpaca records for the loss")
     sp.add_argument("--base", action="store_true", help="also score the base model as a reference")
     sp.set_defaults(func=cmd_eval)
+
+    sp = sub.add_parser("unlearn", help="approximate unlearning (DEL or a gradient baseline) into a new adapter")
+    sp.add_argument("run")
+    sp.add_argument("--ids", nargs="+", required=True, metavar="FILE|ID")
+    sp.add_argument("--method", required=True, choices=["del", "del_random", "ga", "graddiff", "npo", "npo_rt"])
+    sp.add_argument("--shard", type=int, help="shard whose served adapter is unlearned (default: the first id's)")
+    sp.add_argument("--alpha", type=float, default=0.3, help="DEL: fraction of LoRA-B parameters reset")
+    sp.add_argument("--variant", choices=["mean", "topk"], default="mean", help="DEL: channel scoring")
+    sp.add_argument("--epochs", type=float, default=1.0)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--name", help="name of the new adapter")
+    sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("demo", help="the main job: simulate, train the CPU default recipe, serve, delete")
     sp.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")

@@ -101,6 +101,18 @@ def stale_artifacts(run: Run) -> list[dict]:
         if any(hashes[(man["shard"], int(sl))] != h for b in man["blocks"] for sl, h in b["slice_hashes"].items()):
             out.append({"kind": "adapter", "name": name, "shard": man["shard"], "prefix": man["prefix"],
                         "sha256": man["sha256"], "path": str(store.adapter_dir(name)), "slices": man["slices"]})
+    # Approximately-unlearned adapters (s3t_llm.unlearn) derive from served blocks: they go with them.
+    for mf in sorted((run.dir / "unlearned").glob("*/unlearn_manifest.json")):
+        man = json.loads(mf.read_text())
+        src = man.get("source_adapter", {})
+        shard = man.get("shard", src.get("shard"))
+        blocks = src.get("blocks", [])
+        if shard is None or any(hashes[(int(shard), int(sl))] != h for b in blocks
+                                for sl, h in b["slice_hashes"].items()):
+            f = mf.parent / "adapter_model.safetensors"
+            out.append({"kind": "unlearned-adapter", "name": mf.parent.name, "shard": shard,
+                        "prefix": src.get("prefix"), "sha256": sha256_file(f) if f.exists() else None,
+                        "path": str(mf.parent), "slices": src.get("prefix")})
     return out
 
 

@@ -1113,8 +1113,12 @@ __all__ = [
 
 
 # ----- a served S3T run -----------------------------------------------------------------------------
-def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str = "alpaca") -> dict:
-    """Mean per-token loss of the completions (EOS included) given their Alpaca prompts: completion only."""
+def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str = "alpaca",
+                 max_length: int | None = None) -> dict:
+    """Mean per-token loss of the completions (EOS included) given their Alpaca prompts: completion only.
+
+    ``max_length`` truncates prompt + completion from the right as training does (``data.max_length``);
+    a record with no completion token left is skipped, as TRL skips it in training."""
     from .prompts import to_example
 
     tok = scorer.tokenizer
@@ -1122,7 +1126,11 @@ def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str 
     for r in records:
         ex = to_example(r, template, tok)
         ctx, cont = encode_pair(tok, ex["prompt"], ex["completion"])
-        pairs.append((ctx, cont + [tok.eos_token_id]))
+        cont = cont + [tok.eos_token_id]
+        if max_length is not None:
+            cont = cont[:max(0, max_length - len(ctx))]
+        if cont:
+            pairs.append((ctx, cont))
     got = scorer.loglikelihood_tokens(pairs)
     n_tok = sum(len(c) for _, c in pairs)
     nll = -sum(g[0] for g in got)
@@ -1175,9 +1183,10 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
     recs = run.heldout()[:heldout]
     if recs:
         tmpl = run.config.data.template
-        losses = {s: heldout_loss(sc, recs, tmpl)["loss"] for s, sc in scorers.items()}
+        ml = run.config.data.max_length
+        losses = {s: heldout_loss(sc, recs, tmpl, ml)["loss"] for s, sc in scorers.items()}
         out["heldout"] = {"n": len(recs), "per_shard": losses,
                           "mean": sum(losses.values()) / len(losses) if losses else None}
         if refs:
-            out["heldout"]["base"] = heldout_loss(refs["base"], recs, tmpl)["loss"]
+            out["heldout"]["base"] = heldout_loss(refs["base"], recs, tmpl, ml)["loss"]
     return out

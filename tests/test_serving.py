@@ -162,7 +162,7 @@ def test_served_evaluation_matches_peft(served):
     assert len(run.heldout()) == 8
     name = st["shards"][0]["adapter"]
     hf = HFScorer.from_pretrained(str(served["model"]), adapter=str(run.store.adapter_dir(name)))
-    ref = heldout_loss(hf, run.heldout()[:8])["loss"]
+    ref = heldout_loss(hf, run.heldout()[:8], max_length=run.config.data.max_length)["loss"]
     assert abs(res["heldout"]["per_shard"]["shard0"] - ref) < 0.05 * ref, (res["heldout"], ref)
 
 
