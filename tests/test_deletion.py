@@ -139,3 +139,18 @@ def test_killed_deletion_finishes_on_restart_like_an_uninterrupted_one(step, tra
     assert cert_core(certs[0]) == cert_core(ref_cert)
     with crashed.ledger() as led:
         assert led.request("req-crash").status == "applied" and led.pending(DATASET) == []
+
+
+def test_unlearned_adapters_go_with_their_source_blocks(trained, tmp_path):
+    run = clone(trained, tmp_path / "r")
+    plan = serving_plan(run)
+    keep, drop = tmp_path / "r" / "unlearned" / "keep", tmp_path / "r" / "unlearned" / "drop"
+    for d, shard in ((keep, 1), (drop, 0)):
+        d.mkdir(parents=True)
+        man = run.store.adapter_manifest(plan[shard]["name"])
+        (d / "unlearn_manifest.json").write_text(json.dumps(
+            {"shard": shard, "source_adapter": {"prefix": man["prefix"], "blocks": man["blocks"]}}))
+        (d / "adapter_model.safetensors").write_bytes(b"weights derived from the source blocks")
+    cert = apply_deletion(run, [sample_in(run, 0, plan[0]["prefix"][-1])])
+    assert not drop.exists() and keep.exists()
+    assert [a["name"] for a in cert["destroyed"] if a["kind"] == "unlearned-adapter"] == ["drop"]
