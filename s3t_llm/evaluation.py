@@ -630,6 +630,14 @@ class TokenScorer:
         keep = self.max_length + 1 - len(cont)
         return ctx[-keep:], cont
 
+    def _unique_prompts(self, pairs):
+        """Truncate each (context, continuation) pair; map each distinct full prompt to the pairs that share it."""
+        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
+        prompts: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            prompts.setdefault(tuple(ctx + cont), []).append(i)
+        return pairs, prompts
+
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         raise NotImplementedError
 
@@ -795,10 +803,7 @@ class VLLMCompletionsScorer(TokenScorer):
     def loglikelihood_tokens(self, pairs):
         from tqdm.auto import tqdm
 
-        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
-        prompts: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, cont) in enumerate(pairs):
-            prompts.setdefault(tuple(ctx + cont), []).append(i)
+        pairs, prompts = self._unique_prompts(pairs)
         keys = list(prompts)
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         for s in tqdm(range(0, len(keys), self.batch_size), desc="scoring (vLLM)", disable=not self.progress,
@@ -839,10 +844,7 @@ class VLLMOfflineScorer(TokenScorer):
     def loglikelihood_tokens(self, pairs):
         from vllm import SamplingParams
 
-        pairs = [self._truncate(list(c), list(x)) for c, x in pairs]
-        prompts: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, cont) in enumerate(pairs):
-            prompts.setdefault(tuple(ctx + cont), []).append(i)
+        pairs, prompts = self._unique_prompts(pairs)
         keys = list(prompts)
         sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
