@@ -70,6 +70,18 @@ def export_best(run) -> dict[int, tuple[str, int]]:
     return {s: (e["name"], e["depth"]) for s, e in routing.items() if e is not None}
 
 
+# ----- experiment -----------------------------------------------------------------------------------
+def cmd_experiment(args) -> int:
+    from .experiment import deletion_stream
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    deletion_stream(args.recipe, args.overrides, budgets=args.budgets, n_requests=args.requests, prior=args.prior,
+                    skew=args.skew, eval_every=args.eval_every, tasks=tasks, limit=args.limit, heldout=args.heldout,
+                    audit=not args.no_audit, full_reference=not args.no_reference, generations=args.generations,
+                    backend=args.backend, out=args.out, seed=args.seed)
+    return 0
+
+
 # ----- status ---------------------------------------------------------------------------------------
 def cmd_status(args) -> int:
     from .run import DATASET, Run
@@ -261,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="name of the new adapter")
     sp.set_defaults(func=cmd_unlearn)
 
+    sp = sub.add_parser("experiment", help="experiments: deletion-stream (quality, latency, audit vs deletions)")
+    esub = sp.add_subparsers(dest="experiment", required=True)
+    ep = esub.add_parser("deletion-stream", help="S3T (several B) and SISA under the same stream of deletions")
+    ep.add_argument("recipe")
+    ep.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
+    ep.add_argument("--budgets", type=_ints, default=[1, 2, 3], help="sequence budgets B (1 = SISA), e.g. 1,2,3")
+    ep.add_argument("--requests", type=int, default=8, help="number of single-sample deletion requests")
+    ep.add_argument("--prior", choices=["uniform", "skewed"], default="uniform",
+                    help="uniform over samples, or skewed: slice j hit with weight skew**j")
+    ep.add_argument("--skew", type=float, default=0.5)
+    ep.add_argument("--eval-every", type=int, default=1, help="evaluate after every k-th request")
+    ep.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated zero-shot tasks (eval/tasks/*.yaml)")
+    ep.add_argument("--limit", type=int, default=40, help="items per task (a fixed seeded subset); 0 for all")
+    ep.add_argument("--heldout", type=int, default=32, help="held-out records for the loss (the rest: audit)")
+    ep.add_argument("--no-audit", action="store_true", help="skip the membership audit")
+    ep.add_argument("--no-reference", action="store_true", help="skip the full LoRA fine-tune reference")
+    ep.add_argument("--generations", type=int, default=3, help="held-out prompts for the generation samples")
+    ep.add_argument("--backend", choices=["vllm", "offline"], default="vllm",
+                    help="vllm: serve each copy with `s3t serve`; offline: stored run + in-process scoring")
+    ep.add_argument("--out", help="experiment directory (default: <output_dir>/<name>-stream)")
+    ep.add_argument("--seed", type=int, default=0)
+    ep.set_defaults(func=cmd_experiment)
+
     sp = sub.add_parser("demo", help="the main job: simulate, train the CPU default recipe, serve, delete")
     sp.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
     sp.add_argument("--recipe", help="recipe (default: recipes/cpu_smollm2.yaml)")
@@ -285,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
 
     known = [ConfigError, StoreError, FileNotFoundError, ServingError]
     for mod, name in (("ledger", "LedgerError"), ("records", "RecordError"), ("planner", "PlanError"),
-                      ("models", "ModelError")):
+                      ("models", "ModelError"), ("evaluation", "TaskError")):
         try:
             known.append(getattr(__import__(f"s3t_llm.{mod}", fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -35,33 +35,6 @@ def pick_deletions(run, n: int, seed: int = 0) -> list[list[str]]:
     return [[p] for p in picks] + [[picks[0]]]
 
 
-def start_serving(run_dir: Path, port: int) -> tuple[subprocess.Popen, str, str]:
-    import requests
-
-    log = open(run_dir / "serve.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"s3t serve exited early; see {run_dir / 'serve.log'}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.time() - t0 > 600:
-            proc.kill()
-            raise RuntimeError("s3t serve not ready after 600 s")
-        time.sleep(1)
-        if int(time.time() - t0) % 15 == 0:
-            print(f"  waiting for vLLM + gateway ... {time.time() - t0:.0f} s", flush=True)
-    token = json.loads((run_dir / "serve.json").read_text())["token"]
-    print(f"  gateway ready at {url} after {time.time() - t0:.0f} s", flush=True)
-    return proc, url, token
-
-
 def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, trials: int = 2000,
              plot: str = "simulate.png", n_deletions: int = 3, port: int | None = None,
              simulate_only: bool = False, evaluate: bool = True, eval_limit: int = 20) -> int:
@@ -70,7 +43,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     from .config import load_config
     from .deletion import publish
     from .run import Run
-    from .serving import free_port
+    from .serving import free_port, spawn_server
     from .simulator import default_report
     from .training import train_run
 
@@ -92,7 +65,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
         print(f"  shard {s}: {e['name']} (blocks 1..{e['depth']})" if e else f"  shard {s}: no surviving prefix")
 
     _banner("3. serving on vLLM multi-LoRA behind the S3T gateway")
-    proc, url, token = start_serving(run.dir, port or free_port())
+    proc, url, token, vllm_url = spawn_server(run.dir, port or free_port())
     try:
         prompt = "Below is an instruction that describes a task. Write a response that appropriately completes " \
                  "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
@@ -104,7 +77,6 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
                 "evaluating the served model after each (zero-shot ARC-Easy + PIQA subsets, held-out loss)")
         deletions = pick_deletions(run, n_deletions)
         (run.dir / "demo_deletions.json").write_text(json.dumps(deletions, indent=1))
-        vllm_url = json.loads((run.dir / "serve.json").read_text())["vllm_url"]
         evals = [_evaluate(run, url, vllm_url, 0, eval_limit)] if evaluate else []
         base_ref = evals[0] if evals else None
         for step, ids in enumerate(deletions, start=1):

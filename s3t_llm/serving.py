@@ -483,6 +483,38 @@ class Gateway:
         return app
 
 
+def spawn_server(run_dir: str | Path, port: int, *, echo=print, timeout: float = 600):
+    """Start ``s3t serve RUN`` in a subprocess and wait until its gateway answers.
+
+    Returns (process, gateway url, deletion token, vLLM url). Output goes to ``RUN/serve.log``."""
+    import requests
+
+    run_dir = Path(run_dir)
+    log = open(run_dir / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    t0, last = time.time(), 0.0
+    while True:
+        if proc.poll() is not None:
+            raise ServingError(f"s3t serve exited early (code {proc.returncode}); see {run_dir / 'serve.log'}")
+        try:
+            if requests.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise ServingError(f"s3t serve not ready after {timeout:.0f} s; see {run_dir / 'serve.log'}")
+        time.sleep(1)
+        if time.time() - last >= 15:
+            last = time.time()
+            echo(f"  waiting for vLLM + gateway ... {time.time() - t0:.0f} s")
+    info = json.loads((run_dir / SERVE_FILE).read_text())
+    echo(f"  gateway ready at {url} after {time.time() - t0:.0f} s")
+    return proc, url, info["token"], info["vllm_url"]
+
+
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_port: int | None = None,
           dead_shard: str = "none", retrain: bool = False, token: str | None = None,
           ready_callback=None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -136,8 +137,9 @@ class StageTrainer:
                     ids.append(sid)
         return examples, hashes, ids
 
-    def train_stage(self, shard: int, prefix: tuple[int, ...], *, verify_frozen: bool = True) -> dict:
-        """Train block len(prefix) of ``shard`` on the cumulative data of ``prefix``; store it; return its manifest."""
+    def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str):
+        """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
+        with the trainer. Returns (train output, examples used, tokens per epoch, seconds)."""
         import torch
         import datasets
         from datasets import Dataset
@@ -145,6 +147,85 @@ class StageTrainer:
         from trl import SFTConfig, SFTTrainer
 
         datasets.disable_progress_bars()
+        cfg = self.run.config
+        t = cfg.train
+        args = SFTConfig(
+            output_dir=str(tmp), num_train_epochs=t.epochs, max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_ratio,  # float < 1: a ratio (transformers v5)
+            weight_decay=t.weight_decay, seed=seed, data_seed=seed, logging_steps=t.logging_steps,
+            save_strategy="no", report_to=[], disable_tqdm=True, max_length=cfg.data.max_length,
+            gradient_checkpointing=t.gradient_checkpointing, bf16=False, fp16=False,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            completion_only_loss=True, packing=False,
+        )
+        trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_list(examples),
+                             processing_class=self.tokenizer)
+        trainer.remove_callback(PrinterCallback)  # our own progress bar reports each stage
+        n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
+        # TRL drops examples whose completion is entirely cut off by max_length: say so.
+        n_used = len(trainer.train_dataset)
+        if n_used < len(examples):
+            logger.warning("%s: %d of %d examples have no completion token within data.max_length=%d and are "
+                           "skipped", what, len(examples) - n_used, len(examples), cfg.data.max_length)
+        t0 = time.perf_counter()
+        out = trainer.train()
+        seconds = time.perf_counter() - t0
+        del trainer  # drops the optimizer state: it never outlives the stage
+        return out, n_used, n_tokens, seconds
+
+    def train_full(self, out_dir: str | Path) -> dict:
+        """The reference S3T is compared with: one LoRA adapter on the same layers, rank and hyperparameters,
+        trained on all live samples of every shard at once (every block trainable). Saved as a PEFT adapter
+        directory with ``reference.json``; it is an experiment artifact, never served by ``s3t serve``."""
+        import torch
+
+        run, cfg = self.run, self.run.config
+        out_dir = Path(out_dir)
+        seed = stage_seed(cfg.train.seed, -1, ())
+        examples, ids, hashes = [], [], {}
+        with run.ledger() as led:
+            for shard in range(run.shards):
+                for sl in range(cfg.s3t.slices):
+                    hashes[f"{shard}/{sl}"] = led.slice_hash(DATASET, shard, sl)
+                    for sid, rec in led.slice_samples(DATASET, shard, sl):
+                        examples.append(to_example(rec, cfg.data.template, self.tokenizer))
+                        ids.append(sid)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for b in sorted(self.lora_modules):
+                for _, mod in sorted(self.lora_modules[b], key=lambda x: x[0]):
+                    mod.reset_lora_parameters("default", True)
+        for ps in self.block_params.values():
+            for _, p in ps:
+                p.requires_grad_(True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".trainer-", dir=out_dir.parent))
+        try:
+            out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, "full fine-tune")
+            staging = tmp / "adapter"
+            self.model.save_pretrained(str(staging))
+            info = {"kind": "full_finetune_reference", "n_samples": len(examples), "n_used": n_used,
+                    "sample_ids": ids, "slice_hashes": hashes, "base_model": run.model_path,
+                    "layers": sorted(i for b in run.blocks for i in b), "lora": run.lora_dict(),
+                    "train": cfg.to_dict()["train"], "train_loss": float(out.training_loss),
+                    "steps": int(out.global_step), "tokens": n_tokens * max(1, round(cfg.train.epochs)),
+                    "seconds": seconds}
+            (staging / "reference.json").write_text(json.dumps(info, indent=1))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            staging.replace(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for ps in self.block_params.values():
+            for _, p in ps:
+                p.requires_grad_(False)
+        return info
+
+    def train_stage(self, shard: int, prefix: tuple[int, ...], *, verify_frozen: bool = True) -> dict:
+        """Train block len(prefix) of ``shard`` on the cumulative data of ``prefix``; store it; return its manifest."""
+        import torch
 
         run, cfg = self.run, self.run.config
         prefix = tuple(int(x) for x in prefix)
@@ -159,34 +240,9 @@ class StageTrainer:
                 p.requires_grad_(b == k)
         frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
 
-        t = cfg.train
         tmp = Path(tempfile.mkdtemp(prefix=".trainer-", dir=run.dir))
         try:
-            args = SFTConfig(
-                output_dir=str(tmp), num_train_epochs=t.epochs, max_steps=t.max_steps,
-                per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-                learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,  # float < 1: a ratio (transformers v5)
-               
-                weight_decay=t.weight_decay, seed=seed, data_seed=seed, logging_steps=t.logging_steps,
-                save_strategy="no", report_to=[], disable_tqdm=True, max_length=cfg.data.max_length,
-                gradient_checkpointing=t.gradient_checkpointing, bf16=False, fp16=False,
-                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                completion_only_loss=True, packing=False,
-            )
-            trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_list(examples),
-                                 processing_class=self.tokenizer)
-            trainer.remove_callback(PrinterCallback)  # our own progress bar reports each stage
-            n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
-            # TRL drops examples whose completion is entirely cut off by max_length: say so.
-            n_used = len(trainer.train_dataset)
-            if n_used < len(examples):
-                logger.warning("shard %d prefix %s: %d of %d examples have no completion token within "
-                               "data.max_length=%d and are skipped", shard, prefix, len(examples) - n_used,
-                               len(examples), cfg.data.max_length)
-            t0 = time.perf_counter()
-            out = trainer.train()
-            seconds = time.perf_counter() - t0
-            del trainer  # drops the optimizer state: it never outlives the stage
+            out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -213,7 +269,7 @@ class StageTrainer:
             "lora": {"r": lc.r, "alpha": lc.alpha, "rslora": lc.rslora, "dropout": lc.dropout,
                      "target_modules": list(lc.target_modules)},
             "seed": seed, "train_loss": float(out.training_loss), "steps": int(out.global_step),
-            "tokens": n_tokens * max(1, round(t.epochs)), "seconds": seconds,
+            "tokens": n_tokens * max(1, round(cfg.train.epochs)), "seconds": seconds,
         }
         if is_main_process():
             manifest = run.store.write_block(shard, prefix, self.block_tensors(k), manifest)
