@@ -523,7 +523,12 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
         raise ConfigError("--requests and --eval-every must be >= 1")
     if backend not in ("vllm", "offline"):
         raise ConfigError(f"--backend {backend!r}: use 'vllm' or 'offline'")
+    if prior not in ("uniform", "skewed") or not 0 < skew <= 1:
+        raise ConfigError(f"--prior {prior!r} --skew {skew}: use 'uniform', or 'skewed' with 0 < skew <= 1")
     cfg = load_config(recipe, list(overrides))
+    if cfg.data.limit and n_requests > cfg.data.limit:
+        raise ConfigError(f"--requests {n_requests} exceeds the recipe's data.limit={cfg.data.limit} samples")
+    loaded_tasks = [load_task(t, limit=limit or None, seed=seed) for t in tasks]  # bad task specs fail here
     exp_dir = Path(out) if out else Path(cfg.output_dir) / f"{cfg.name}-stream"
     exp_dir.mkdir(parents=True, exist_ok=True)
     budgets = sorted(set(int(b) for b in budgets))
@@ -535,7 +540,7 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     ref_info = None
     if full_reference:
         ref_info = train_reference(top, exp_dir / "reference" / "full_lora")
-    probe = Probe(tasks=[load_task(t, limit=limit or None, seed=seed) for t in tasks],
+    probe = Probe(tasks=loaded_tasks,
                   heldout=top.heldout()[:heldout], template=cfg.data.template, max_length=cfg.data.max_length)
     unseen = top.heldout()[heldout:] or top.heldout()  # audit non-members: held-out records not used for the loss
     with top.ledger() as led:
@@ -788,11 +793,11 @@ def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, 
               "Loss-threshold membership AUC (P(member loss < unseen loss); 0.5 = indistinguishable), 95% bootstrap "
               "CI. *requested*: the deletion requests; *unused*: samples of slices outside the served prefixes "
               "(deleted or not, never seen by what is served); *used*: samples the served prefixes trained on.", "",
-              "| method | requested, before | requested, after | unused, after | used, after | dead shards after |",
-              "|---|---|---|---|---|---|"]
+              "| method | used, before | requested, before | requested, after | unused, after | used, after | "
+              "dead shards after |", "|---|---|---|---|---|---|---|"]
         for lab, a in audits.items():
             b, af = a.get("before", {}).get("groups", {}), a.get("after", {}).get("groups", {})
-            L.append(f"| {lab} | {_fmt_auc(b.get('requested'))} | {_fmt_auc(af.get('requested'))} | "
+            L.append(f"| {lab} | {_fmt_auc(b.get('used'))} | {_fmt_auc(b.get('requested'))} | {_fmt_auc(af.get('requested'))} | "
                      f"{_fmt_auc(af.get('unused'))} | {_fmt_auc(af.get('used'))} | "
                      f"{a.get('after', {}).get('dead_shards', [])} |")
         L.append("")

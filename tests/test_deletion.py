@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +155,57 @@ def test_unlearned_adapters_go_with_their_source_blocks(trained, tmp_path):
     cert = apply_deletion(run, [sample_in(run, 0, plan[0]["prefix"][-1])])
     assert not drop.exists() and keep.exists()
     assert [a["name"] for a in cert["destroyed"] if a["kind"] == "unlearned-adapter"] == ["drop"]
+
+
+class EngineStandIn:
+    """The part of VLLMServer the gateway's switching uses, in memory (real vLLM: tests/test_serving.py)."""
+
+    model_path = "stand-in"
+
+    def __init__(self):
+        self.ids, self.engine, self.next_id = {}, set(), 1
+
+    def load(self, name, path):
+        assert name not in self.ids and (Path(path) / "adapter_model.safetensors").exists()
+        self.ids[name] = self.next_id
+        self.engine.add(self.next_id)
+        self.next_id += 1
+        return self.ids[name]
+
+    def remove(self, name):
+        self.engine.discard(self.ids.pop(name))
+        return {"name": name, "engine_ids_after": sorted(self.engine)}
+
+    def engine_loras(self):
+        return set(self.engine)
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def test_background_retraining_revives_a_dead_shard_without_the_deleted_sample(tmp_path, tiny_llama, alpaca_sample,
+                                                                              write_records):
+    """`s3t serve --retrain`: a deletion that kills a shard retrains it in the background on what is left; the
+    revived shard's blocks never saw the deleted sample and the other shard is untouched."""
+    from s3t_llm.serving import Gateway
+
+    run = Run.create(make_cfg(tmp_path, tiny_llama, write_records(alpaca_sample[:24]),
+                              extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=1"]))
+    train_run(run, progress=False)
+    gw = Gateway(run, EngineStandIn(), retrain=True)
+    gw.refresh("start-up")
+    other_before = gw.routing[1]["name"]
+    with run.ledger() as led:
+        victim = next(sid for sid, _ in led.slice_samples(DATASET, 0, run.sequences[0][0]))
+    cert = gw.delete([victim])
+    assert cert["dead_shards"] == [0]
+    gw.retrain_thread.join(timeout=300)
+    assert not gw.retrain_thread.is_alive()
+    e = gw.routing[0]
+    assert e is not None and e["depth"] == 2 and gw.routing[1]["name"] == other_before
+    hashes = run.slice_hashes()
+    for k in (1, 2):
+        man = run.store.manifest(0, tuple(e["prefix"][:k]))
+        assert victim not in man["sample_ids"]
+        assert man["slice_hashes"] == {str(sl): hashes[(0, sl)] for sl in e["prefix"][:k]}
+    assert set(gw.server.ids) == {e["name"], other_before} and len(gw.server.engine) == 2

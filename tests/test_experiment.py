@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from s3t_llm.adapters import layer_of
 from s3t_llm.config import ConfigError, load_config
 from s3t_llm.deletion import stale_artifacts
+from s3t_llm.evaluation import TaskError
 from s3t_llm.experiment import auc_with_ci, deletion_stream, pick_requests, prepare_runs
 from s3t_llm.run import DATASET, Run
 from s3t_llm.training import stage_plan, train_run
@@ -194,6 +195,11 @@ def test_bad_input_is_refused_before_anything_runs(stream, tmp_path):
         deletion_stream(stream["recipe"], backend="tpu", out=tmp_path / "e")
     with pytest.raises(ConfigError, match="does not exist"):
         deletion_stream(tmp_path / "missing.yaml", out=tmp_path / "e")
+    with pytest.raises(ConfigError, match="skewed"):
+        deletion_stream(stream["recipe"], prior="zipf", out=tmp_path / "e")
+    with pytest.raises(TaskError, match="no_such_task"):
+        deletion_stream(stream["recipe"], tasks=("no_such_task",), out=tmp_path / "e")
+    assert not (tmp_path / "e").exists()  # refused before anything was created or trained
     # Reusing an experiment directory trained with other train.* settings is refused, not silently mixed.
     cfg = load_config(stream["recipe"], ["train.epochs=2"])
     with pytest.raises(ConfigError, match="other train"):
