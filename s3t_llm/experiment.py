@@ -137,6 +137,7 @@ def train_reference(run: Run, out_dir: Path) -> dict:
     from .training import StageTrainer
 
     t0 = time.perf_counter()
+    _say(f"  training the full LoRA fine-tune reference on all live samples ({run.config.train.epochs} epoch(s)) ...")
     info = StageTrainer(run).train_full(out_dir)
     _say(f"  full LoRA fine-tune on all {info['n_samples']} samples: {info['steps']} steps, "
          f"loss {info['train_loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
