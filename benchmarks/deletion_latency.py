@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -185,37 +182,12 @@ def build_sisa(args, run):
 
 # ----- serving -----------------------------------------------------------------------------------------
 def start_server(run_dir: Path, port: int, timeout: float = 900):
-    import requests
+    from s3t_llm.serving import spawn_server
 
-    logf = open(run_dir / "serve-bench.log", "ab")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
-                            stdout=logf, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"s3t serve exited ({proc.returncode}); see {run_dir / 'serve-bench.log'}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.perf_counter() - t0 > timeout:
-            proc.kill()
-            raise RuntimeError("s3t serve not ready in time")
-        time.sleep(0.5)
+    proc, url, _, _ = spawn_server(run_dir, port, timeout=timeout, echo=lambda m: None, log_name="serve-bench.log")
     info = json.loads((run_dir / "serve.json").read_text())
     return proc, url, info, time.perf_counter() - t0
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def load_round(base_url: str, model, prompts: list[str], n_req: int, clients: int, max_tokens: int) -> dict:
@@ -596,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from s3t_llm.run import DATASET, Run
     from s3t_llm.prompts import render_prompt
-    from s3t_llm.serving import free_port
+    from s3t_llm.serving import free_port, stop_server
 
     if args.render:
         raw = json.loads(Path(args.render).read_text())

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     from .config import load_config
     from .deletion import publish
     from .run import Run
-    from .serving import free_port, spawn_server
+    from .serving import free_port, spawn_server, stop_server
     from .simulator import default_report
     from .training import train_run
 
@@ -103,11 +101,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
             report = write_report(run, evals)
             print(f"report: {(report / 'report.md').resolve()}\nplot: {(report / 'quality_vs_deletions.png').resolve()}")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     print(f"\ndone. run: {run.dir.resolve()}")
     return 0
 

