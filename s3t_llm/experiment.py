@@ -368,6 +368,8 @@ class OfflineBackend:
     def generate(self, model: str, prompts: list[str], max_tokens: int) -> list[tuple[str, str]]:
         import torch
 
+        from .serving import route_shard
+
         if model == self.run.config.name:  # route as the gateway does: by prompt hash over live shards
             live = [s for s in self.state() if s["adapter"]]
             out = []
@@ -375,8 +377,8 @@ class OfflineBackend:
                 if not live:
                     out.append(("(no live shard)", ""))
                     continue
-                s = live[int(hashlib.sha256(p.encode()).hexdigest(), 16) % len(live)]
-                out += self.generate(s["adapter"], [p], max_tokens)
+                shard = route_shard(p, [s["shard"] for s in live])
+                out += self.generate(next(s["adapter"] for s in live if s["shard"] == shard), [p], max_tokens)
             return out
         m = self._model(model)
         out = []
@@ -479,27 +481,36 @@ def membership_audit(backend, served: list[dict], cells: dict[str, tuple[int, in
     """Membership AUCs on the served shard adapters.
 
     ``requested``: the stream's deletion ids; ``unseen``: held-out records (never trained on). Groups:
-    ``requested`` (the deletion requests), ``unused`` (samples of slices outside the served prefix:
-    deleted or not, the served model never saw them), ``used`` (samples the served prefix trained on)."""
+    ``requested`` (the deletion requests), ``unused`` (samples of slices outside the served prefix: deleted or
+    not, the served model never saw them), ``used`` (samples the served prefix trained on: the positive
+    control). A sample is scored by its own shard's adapter, the model that trained on it; when its shard is
+    dead, by the adapter the gateway routes its prompt to (what serves it now). Each adapter's members are
+    compared with the unseen samples scored by the same adapter."""
+    from .prompts import render_prompt
+    from .serving import route_shard
+
     rng = random.Random(seed)
-    out: dict[str, Any] = {"groups": {}, "dead_shards": []}
-    acc = {"requested": [], "unused": [], "used": []}
-    for s in served:
-        if not s["adapter"]:
-            out["dead_shards"].append(s["shard"])
-            continue
-        used_slices = set(s["prefix"])
-        mine = sorted(sid for sid, (sh, _, _) in cells.items() if sh == s["shard"])
-        req = [sid for sid in requested if cells[sid][0] == s["shard"]]
-        unused = [sid for sid in mine if cells[sid][1] not in used_slices and sid not in req]
-        used = [sid for sid in mine if cells[sid][1] in used_slices and sid not in req]
-        picks = {"requested": req, "unused": rng.sample(unused, min(per_shard, len(unused))),
-                 "used": rng.sample(used, min(per_shard, len(used)))}
-        h = example_losses(backend, s["adapter"], unseen, probe, cache)
-        for g, ids in picks.items():
-            if ids:
-                acc[g].append((example_losses(backend, s["adapter"], [cells[i][2] for i in ids], probe, cache), h))
-    for g, groups in acc.items():
+    adapters = {s["shard"]: s for s in served if s["adapter"]}
+    live = sorted(adapters)
+    out: dict[str, Any] = {"groups": {}, "dead_shards": sorted(s["shard"] for s in served if not s["adapter"])}
+    picks: dict[str, dict[int, list[str]]] = {g: {s: [] for s in live} for g in ("requested", "unused", "used")}
+    if live:
+        for shard in sorted({sh for sh, _, _ in cells.values()}):
+            mine = sorted(sid for sid, (sh, _, _) in cells.items() if sh == shard)
+            req = [sid for sid in requested if cells[sid][0] == shard]
+            used_slices = set(adapters[shard]["prefix"]) if shard in adapters else set()
+            unused = [sid for sid in mine if cells[sid][1] not in used_slices and sid not in req]
+            used = [sid for sid in mine if cells[sid][1] in used_slices and sid not in req]
+            for g, ids in (("requested", req), ("unused", rng.sample(unused, min(per_shard, len(unused)))),
+                           ("used", rng.sample(used, min(per_shard, len(used))))):
+                for sid in ids:
+                    by = shard if shard in adapters else route_shard(
+                        render_prompt(cells[sid][2], probe.template), live)
+                    picks[g][by].append(sid)
+    unseen_losses = {s: example_losses(backend, adapters[s]["adapter"], unseen, probe, cache) for s in live}
+    for g, per in picks.items():
+        groups = [(example_losses(backend, adapters[s]["adapter"], [cells[i][2] for i in ids], probe, cache),
+                   unseen_losses[s]) for s, ids in per.items() if ids]
         out["groups"][g] = auc_with_ci(groups, seed=seed)
     cache.save()
     return out

@@ -53,6 +53,13 @@ class ServingError(RuntimeError):
     pass
 
 
+def route_shard(prompt, live: list[int]) -> int:
+    """The live shard that serves ``prompt`` (a string, token list or chat messages) when no shard is named:
+    deterministic while the set of live shards is unchanged."""
+    key = json.dumps(prompt, sort_keys=True).encode()
+    return live[int(hashlib.sha256(key).hexdigest(), 16) % len(live)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,8 +297,7 @@ class Gateway:
                 if self.dead_shard == "base":
                     return self.server.model_path, None
                 raise LookupError("no shard of this run has a surviving prefix: every shard needs retraining")
-            key = json.dumps(body.get("prompt", body.get("messages")), sort_keys=True).encode()
-            shard = live[int(hashlib.sha256(key).hexdigest(), 16) % len(live)]
+            shard = route_shard(body.get("prompt", body.get("messages")), live)
             return self.routing[shard]["name"], shard
         for s, e in self.routing.items():
             if e and e["name"] == model:
