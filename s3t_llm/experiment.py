@@ -684,6 +684,8 @@ def _write_outputs(exp_dir: Path, cfg: RunConfig, budgets, rows, refs, audits, g
                        + [r.get("tasks", {}).get(t, {}).get("acc_norm", "") for t in tasks]
                        + [r.get("heldout_loss", "")])
     (exp_dir / "audit.json").write_text(json.dumps(audits, indent=1))
+    ref_meta = {k: v for k, v in (ref_info or {}).items() if k not in ("sample_ids", "slice_hashes")}
+    (exp_dir / "references.json").write_text(json.dumps({"scores": refs, "full_finetune": ref_meta}, indent=1))
     _plot(exp_dir / "quality_vs_deletions.png", budgets, rows, refs, tasks)
     _write_generations(exp_dir / "generations.md", prompts, gens)
     (exp_dir / "report.md").write_text(_report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs,
@@ -691,29 +693,33 @@ def _write_outputs(exp_dir: Path, cfg: RunConfig, budgets, rows, refs, audits, g
 
 
 def _plot(path: Path, budgets, rows, refs, tasks) -> None:
+    """One panel per measure against requests; budgets drawn from thick to thin so that equal curves (the same
+    adapters served) stay visible; base model and full fine-tune as horizontal reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("live", "mean served depth (blocks)")] + [(t, f"{t} accuracy (%)") for t in tasks] + \
+    panels = [("live", "mean served depth (blocks per shard)")] + [(t, f"{t} accuracy (%)") for t in tasks] + \
              [("loss", "held-out Alpaca loss / token")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.5))
-    for b in budgets:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.9), squeeze=False)
+    axes = axes[0]
+    markers = "osD^v<>"
+    for i, b in enumerate(budgets):
         rs = [r for r in rows if r["budget"] == b]
         lab = "SISA (B=1)" if b == 1 else f"S3T B={b}"
+        style = dict(lw=max(1.0, 4.5 - 1.4 * i), alpha=0.8, marker=markers[i % len(markers)], ms=4, label=lab)
         ev = [r for r in rs if "tasks" in r or "note" in r]
-        for ax, (key, title) in zip(axes, panels):
+        for ax, (key, _) in zip(axes, panels):
             if key == "live":
-                ax.step([r["requests"] for r in rs], [sum(r["depths"]) / len(r["depths"]) for r in rs], where="post",
-                        label=lab)
+                ax.step([r["requests"] for r in rs], [sum(r["depths"]) / len(r["depths"]) for r in rs],
+                        where="post", **{k: v for k, v in style.items() if k not in ("marker", "ms")})
             elif key == "loss":
-                ax.plot([r["requests"] for r in ev], [r.get("heldout_loss", math.nan) for r in ev], "o-", ms=3,
-                        label=lab)
+                ax.plot([r["requests"] for r in ev], [r.get("heldout_loss", math.nan) for r in ev], **style)
             else:
-                ax.plot([r["requests"] for r in ev], [100 * r.get("tasks", {}).get(key, {}).get("acc", math.nan)
-                                                      for r in ev], "o-", ms=3, label=lab)
-    styles = {"base": ("gray", "--", "base, no fine-tuning"), "full": ("black", ":", "full LoRA fine-tune")}
+                ax.plot([r["requests"] for r in ev],
+                        [100 * r.get("tasks", {}).get(key, {}).get("acc", math.nan) for r in ev], **style)
+    styles = {"base": ("gray", "--", "base model, no fine-tuning"), "full": ("black", ":", "full LoRA fine-tune")}
     for ax, (key, title) in zip(axes, panels):
         for name, (color, ls, lab) in styles.items():
             if name not in refs or key == "live":
@@ -721,8 +727,10 @@ def _plot(path: Path, budgets, rows, refs, tasks) -> None:
             y = refs[name]["heldout_loss"] if key == "loss" else 100 * refs[name]["tasks"].get(key, {}).get("acc", math.nan)
             ax.axhline(y, color=color, ls=ls, label=lab)
         ax.set(title=title, xlabel="deletion requests")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -809,7 +817,7 @@ def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, 
                      f"{_fmt_auc(af.get('unused'))} | {_fmt_auc(af.get('used'))} | "
                      f"{a.get('after', {}).get('dead_shards', [])} |")
         L.append("")
-    L += ["Files: `stream.jsonl`, `stream.csv`, `audit.json`, `generations.md`, `requests.json`.", ""]
+    L += ["Files: `stream.jsonl`, `stream.csv`, `audit.json`, `references.json`, `generations.md`, `requests.json`.", ""]
     return "\n".join(L)
 
 
