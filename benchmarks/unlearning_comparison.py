@@ -67,6 +67,8 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--beta", type=float, default=0.1, help="NPO beta")
     ap.add_argument("--max-eval", type=int, default=32,
                     help="evaluate retain and held-out losses on at most this many samples each (seeded subset)")
+    ap.add_argument("--tasks", default="arc_easy,piqa", help="zero-shot tasks scored for every model ('' for none)")
+    ap.add_argument("--task-limit", type=int, default=40, help="items per zero-shot task (a fixed seeded subset)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--out", default=str(C.RESULTS / "unlearning_comparison.md"))
@@ -80,8 +82,12 @@ def fully_trained(run, shard: int) -> bool:
     return all(run.block_is_valid(s, p, hashes) for s, p in stage_plan(run, [shard]))
 
 
+ZERO_SHOT: list = []  # evaluation.Task objects (set in main from --tasks)
+
+
 def adapter_losses(run, adapter_dir: Path, sets: dict) -> dict:
-    """Per-example losses of base + the adapter at ``adapter_dir`` on each named example list."""
+    """Per-example losses of base + the adapter at ``adapter_dir`` on each named example list, and its zero-shot
+    accuracy on the ``--tasks`` subsets (key ``zero_shot``)."""
     import torch
     from peft import PeftModel
 
@@ -93,6 +99,11 @@ def adapter_losses(run, adapter_dir: Path, sets: dict) -> dict:
     ml = run.config.data.max_length
     with torch.no_grad():
         out = {k: example_losses(model, tok, v, max_length=ml, batch_size=8) for k, v in sets.items()}
+    if ZERO_SHOT:
+        from s3t_llm.evaluation import HFScorer, evaluate
+
+        res = evaluate(HFScorer(model, tok, batch_size=16), ZERO_SHOT, progress=False)
+        out["zero_shot"] = {t: r["scorers"]["model"]["acc"] for t, r in res["tasks"].items()}
     return out
 
 
@@ -105,7 +116,7 @@ def row(label: str, losses: dict, seconds: float | None, guarantee: str) -> dict
 
     return {"method": label, "forget": mean(losses["forget"]), "retain": mean(losses["retain"]),
             "heldout": mean(losses["heldout"]), "auc": membership_auc(losses["forget"], losses["heldout"]),
-            "seconds": seconds, "guarantee": guarantee}
+            "zero_shot": losses.get("zero_shot", {}), "seconds": seconds, "guarantee": guarantee}
 
 
 def main(argv=None) -> int:
@@ -121,6 +132,9 @@ def main(argv=None) -> int:
     from s3t_llm.training import train_run
     from s3t_llm.unlearn import unlearn
 
+    from s3t_llm.evaluation import load_task
+
+    ZERO_SHOT[:] = [load_task(t, limit=args.task_limit, seed=0) for t in args.tasks.split(",") if t.strip()]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="unlearn-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -209,12 +223,14 @@ def main(argv=None) -> int:
 
     fmt = lambda x, p=3: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
     o = rows[2] if "forget" in rows[2] else None
+    zs = [t.name for t in ZERO_SHOT]
     table = C.md_table(
-        ["method", "forget loss", "retain loss", "held-out loss", "membership AUC", "|forget - oracle|", "seconds",
-         "guarantee"],
+        ["method", "forget loss", "retain loss", "held-out loss", "membership AUC", "|forget - oracle|"]
+        + [f"{t} acc" for t in zs] + ["seconds", "guarantee"],
         [[r["method"], fmt(r.get("forget")), fmt(r.get("retain")), fmt(r.get("heldout")), fmt(r.get("auc")),
-          fmt(abs(r["forget"] - o["forget"])) if o and "forget" in r else "-", fmt(r.get("seconds"), 1),
-          r["guarantee"]] for r in rows])
+          fmt(abs(r["forget"] - o["forget"])) if o and "forget" in r else "-"]
+         + [fmt(100 * r["zero_shot"][t], 1) if t in r.get("zero_shot", {}) else "-" for t in zs]
+         + [fmt(r.get("seconds"), 1), r["guarantee"]] for r in rows])
     d = manifests.get("del", {})
     reset_txt = (f"DEL reset {d['reset']['rows']} lora_B rows = {d['reset']['params']} parameters "
                  f"({100 * d['reset']['frac_of_B']:.1f}% of B, {100 * d['reset']['frac_of_lora']:.1f}% of all LoRA "
@@ -244,7 +260,10 @@ def main(argv=None) -> int:
         "Losses: mean completion-token NLL (lower = better fit). Membership AUC: loss-threshold attack, forget "
         "samples (members) vs held-out (non-members); 0.5 = the loss does not tell them apart; with "
         f"{len(ids)} x {len(heldout)} pairs its noise is several hundredths. |forget - oracle|: distance of the "
-        "forget loss to the retrained model's (0 is the target; over-forgetting counts too).", "",
+        "forget loss to the retrained model's (0 is the target; over-forgetting counts too). "
+        + (f"Zero-shot accuracy (%): {', '.join(f'{t.name} on {len(t)} items' for t in ZERO_SHOT)} (a fixed seeded "
+           f"subset; binomial standard error about ±{100 * (0.25 / max(1, min(len(t) for t in ZERO_SHOT))) ** 0.5:.0f} "
+           "points)." if ZERO_SHOT else ""), "",
         "Only the S3T rows carry a guarantee: the served adapter's blocks provably never saw a deleted sample "
         "(the deletion certificate lists their training samples). The approximate rows are a model that did see "
         "them, then edited: matching the oracle's losses on average is evidence, not proof.",
