@@ -63,7 +63,7 @@ def test_pick_requests_uniform_and_skewed(tmp_path, tiny_llama, alpaca_sample, w
         pick_requests(run, 2, prior="skewed", skew=0)
 
 
-# ----- the experiment, end to end (offline backend; the served one is in test_serving-style slow test below) -----
+# ----- the experiment, end to end (offline backend here; through real vLLM in the slow test at the end) -----
 @pytest.fixture(scope="module")
 def stream(tmp_path_factory, tiny_llama, alpaca_sample):
     tmp = tmp_path_factory.mktemp("exp")
