@@ -53,6 +53,26 @@ class ServingError(RuntimeError):
     pass
 
 
+def wait_for_health(proc: subprocess.Popen, url: str, *, timeout: float, what: str, log=None, progress=None) -> float:
+    """Poll ``url/health`` until it answers 200; ServingError if ``proc`` exits first or ``timeout`` passes.
+    Returns the seconds waited; ``progress(elapsed)`` is called between polls."""
+    t0 = time.time()
+    where = f"; see {log}" if log else ""
+    while True:
+        if proc.poll() is not None:
+            raise ServingError(f"{what} exited with code {proc.returncode} during start-up{where}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        if time.time() - t0 > timeout:
+            raise ServingError(f"{what} not ready after {timeout:.0f} s{where}")
+        if progress:
+            progress(time.time() - t0)
+        time.sleep(0.5)
+
+
 def route_shard(prompt, live: list[int]) -> int:
     """The live shard that serves ``prompt`` (a string, token list or chat messages) when no shard is named:
     deterministic while the set of live shards is unchanged."""
@@ -119,23 +139,13 @@ class VLLMServer:
         # Own process group: Ctrl-C in the parent is handled by us, and stop() takes the whole tree down.
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise ServingError(f"vLLM exited with code {self.proc.returncode} during start-up"
-                                   + (f"; see {self.log_file}" if self.log_file else ""))
-            try:
-                if self.client.get("/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() - t0 > timeout:
-                self.stop()
-                raise ServingError(f"vLLM not ready after {timeout:.0f} s")
-            if progress:
-                progress(time.time() - t0)
-            time.sleep(0.5)
-        logger.info("vLLM ready at %s after %.1f s", self.url, time.time() - t0)
+        try:
+            elapsed = wait_for_health(self.proc, self.url, timeout=timeout, what="vLLM", log=self.log_file,
+                                      progress=progress)
+        except ServingError:
+            self.stop()
+            raise
+        logger.info("vLLM ready at %s after %.1f s", self.url, elapsed)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -495,31 +505,26 @@ def spawn_server(run_dir: str | Path, port: int, *, echo=print, timeout: float =
 
     Returns (process, gateway url, deletion token, vLLM url). Output goes to ``RUN/<log_name>``; ``env`` adds
     environment variables for the server."""
-    import requests
-
     run_dir = Path(run_dir)
     log = open(run_dir / log_name, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "s3t_llm.cli", "serve", str(run_dir), "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
     url = f"http://127.0.0.1:{port}"
-    t0, last = time.time(), 0.0
-    while True:
-        if proc.poll() is not None:
-            raise ServingError(f"s3t serve exited early (code {proc.returncode}); see {run_dir / log_name}")
-        try:
-            if requests.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise ServingError(f"s3t serve not ready after {timeout:.0f} s; see {run_dir / log_name}")
-        time.sleep(0.5)
-        if time.time() - last >= 15:
-            last = time.time()
-            echo(f"  waiting for vLLM + gateway ... {time.time() - t0:.0f} s")
+    last = [0.0]
+
+    def progress(elapsed: float) -> None:
+        if elapsed - last[0] >= 15:
+            last[0] = elapsed
+            echo(f"  waiting for vLLM + gateway ... {elapsed:.0f} s")
+
+    try:
+        elapsed = wait_for_health(proc, url, timeout=timeout, what="s3t serve", log=run_dir / log_name,
+                                  progress=progress)
+    except ServingError:
+        proc.kill()
+        raise
     info = json.loads((run_dir / SERVE_FILE).read_text())
-    echo(f"  gateway ready at {url} after {time.time() - t0:.0f} s")
+    echo(f"  gateway ready at {url} after {elapsed:.0f} s")
     return proc, url, info["token"], info["vllm_url"]
 
 
