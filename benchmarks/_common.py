@@ -152,3 +152,13 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(out)
+
+
+def write_result(text: str, out: str | Path) -> Path:
+    """Print a markdown result and write it to ``out`` (parents created)."""
+    print(text)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+    return out

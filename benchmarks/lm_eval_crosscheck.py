@@ -24,7 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _common as C  # noqa: E402
 from s3t_llm.evaluation import HFScorer, evaluate, load_task, run_lm_eval  # noqa: E402
 from s3t_llm.models import resolve_model  # noqa: E402
 
@@ -117,12 +119,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {nr} | {dll:.2e} |")
     lines += ["", f"Wall time: ours {t_ours:.0f} s, lm-eval {t_lm:.0f} s (incl. model load).",
               f"Verdict: {'PASS' if ok else 'FAIL'} (all metric differences within {TOLERANCE} point).", ""]
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    C.write_result("\n".join(lines), args.out)
     return 0 if ok else 1
 
 

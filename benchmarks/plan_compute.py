@@ -214,12 +214,7 @@ def main(argv=None) -> int:
     if args.measure:
         mtext, _ = measure(args)
         lines += ["", mtext]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    C.write_result("\n".join(lines) + "\n", args.out)
     return 0
 
 

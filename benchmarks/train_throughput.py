@@ -346,15 +346,10 @@ def main(argv=None) -> int:
                               "steps", "wall s", "train() s", "tokens/s (wall)", "tokens/s (train() only)"], stage_rows),
                   "", f"(1-slice plain TRL over all {layers} LoRA layers, backward depth {layers}: "
                   f"{med(p, 'tok_s'):.1f} tokens/s wall, {med(p, 'tok_s_train'):.1f} train() only.)"]
-    text = "\n".join(lines) + "\n"
     print()
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out = C.write_result("\n".join(lines) + "\n", args.out)
     if prof_text:
         (out.parent / (out.stem + "_profile.txt")).write_text(prof_text)
-    print(f"wrote {out}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -268,12 +268,7 @@ def main(argv=None) -> int:
         "(the deletion certificate lists their training samples). The approximate rows are a model that did see "
         "them, then edited: matching the oracle's losses on average is evidence, not proof.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    C.write_result("\n".join(lines) + "\n", args.out)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -408,7 +408,7 @@ class Probe:
 def score_models(backend, models: dict[str, str], probe: Probe, cache: ScoreCache) -> dict:
     """Zero-shot accuracy of each model and of their ensemble, and held-out loss of each.
 
-    ``models``: label -> model (adapter name, "base" or a reference key); cache keys: ``content_keys``."""
+    ``models``: label -> model (adapter name, "base" or a reference key); scores are cached by model content."""
     from .evaluation import evaluate, heldout_loss
 
     scorers = {label: cached(backend.scorer(m), _model_key(backend, m), cache) for label, m in models.items()}
@@ -548,9 +548,10 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     ref_info = None
     if full_reference:
         ref_info = train_reference(top, exp_dir / "reference" / "full_lora")
-    probe = Probe(tasks=loaded_tasks,
-                  heldout=top.heldout()[:heldout], template=cfg.data.template, max_length=cfg.data.max_length)
-    unseen = top.heldout()[heldout:] or top.heldout()  # audit non-members: held-out records not used for the loss
+    held = top.heldout()
+    probe = Probe(tasks=loaded_tasks, heldout=held[:heldout], template=cfg.data.template,
+                  max_length=cfg.data.max_length)
+    unseen = held[heldout:] or held  # audit non-members: held-out records not used for the loss
     with top.ledger() as led:
         cells = {sid: (s, sl, rec) for s in range(top.shards) for sl in range(cfg.s3t.slices)
                  for sid, rec in led.slice_samples(DATASET, s, sl)}
@@ -558,7 +559,7 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     (exp_dir / "requests.json").write_text(json.dumps({"prior": prior, "skew": skew if prior == "skewed" else None,
                                                        "seed": seed, "ids": requests_}, indent=1))
     cache = ScoreCache(exp_dir / "score_cache.json")
-    gen_prompts = _generation_prompts(top, generations)
+    gen_prompts = _generation_prompts(held[-generations:] if generations else [], cfg.data.template)
 
     rows: list[dict] = []
     refs: dict[str, Any] = {}
@@ -606,11 +607,10 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     return exp_dir
 
 
-def _generation_prompts(run: Run, n: int) -> list[str]:
+def _generation_prompts(records: list[dict], template: str) -> list[str]:
     from .prompts import render_prompt
 
-    recs = run.heldout()[-n:] if n else []
-    return [render_prompt(r, run.config.data.template) for r in recs]
+    return [render_prompt(r, template) for r in records]
 
 
 def _score_references(be, exp_dir: Path, ref_info: dict | None, probe: Probe, cache: ScoreCache) -> dict:

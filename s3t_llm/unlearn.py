@@ -324,6 +324,17 @@ def _args(out_dir: str, *, epochs: float, lr: float, batch_size: int, seed: int,
     return TrainingArguments(**common, remove_unused_columns=False)
 
 
+def _train_quietly(trainer):
+    """Run ``trainer`` without transformers' per-step printing; the trainer (and its optimizer) is dropped after.
+    Returns (train output, seconds)."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    return out, time.perf_counter() - t0
+
+
 def finetune_masked(model, mask: Mask, retain_examples: list[dict], tokenizer, *, epochs: float = 1.0,
                     lr: float = 2e-4, batch_size: int = 4, max_length: int = 256, seed: int = 0,
                     gradient_checkpointing: bool = False) -> dict:
@@ -336,7 +347,6 @@ def finetune_masked(model, mask: Mask, retain_examples: list[dict], tokenizer, *
     import datasets
     import torch
     from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     datasets.disable_progress_bars()
@@ -356,13 +366,9 @@ def finetune_masked(model, mask: Mask, retain_examples: list[dict], tokenizer, *
     try:
         args = _args(tmp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_length=max_length, sft=True,
                      gradient_checkpointing=gradient_checkpointing)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(retain_examples),
-                             processing_class=tokenizer)
-        trainer.remove_callback(PrinterCallback)
-        t0 = time.perf_counter()
-        out = trainer.train()
-        seconds = time.perf_counter() - t0
-        del trainer
+        out, seconds = _train_quietly(SFTTrainer(model=model, args=args,
+                                                 train_dataset=Dataset.from_list(retain_examples),
+                                                 processing_class=tokenizer))
     finally:
         for h in hooks:
             h.remove()
@@ -465,15 +471,8 @@ def gradient_baseline(model, method: str, forget_examples: list[dict], retain_ex
     tmp = tempfile.mkdtemp(prefix=".unlearn-")
     try:
         args = _args(tmp, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, max_length=None, sft=False)
-        trainer = UnlearnTrainer(model=model, args=args, train_dataset=_ForgetRetain(forget, retain, ref, seed),
-                                 data_collator=collate, method=method, beta=beta)
-        from transformers import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-        t0 = time.perf_counter()
-        out = trainer.train()
-        seconds = time.perf_counter() - t0
-        del trainer
+        out, seconds = _train_quietly(UnlearnTrainer(model=model, args=args, data_collator=collate, method=method,
+                                                     train_dataset=_ForgetRetain(forget, retain, ref, seed), beta=beta))
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
