@@ -41,6 +41,25 @@ class StoreError(RuntimeError):
     pass
 
 
+def staging_dir(parent: Path, name: str) -> Path:
+    """A fresh staging directory owned by this process (its pid is in the name: only a dead owner's
+    leftovers are ever cleaned, never another live job's write in progress)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    d = parent / f".staging-{name}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d.mkdir()
+    return d
+
+
+_STAGING_PID = re.compile(r"-pid(\d+)-[0-9a-f]{8}$")
+
+
+def staging_owner_alive(path: Path) -> bool:
+    from .locking import pid_alive
+
+    m = _STAGING_PID.search(path.name)
+    return bool(m) and pid_alive(int(m.group(1)))
+
+
 def layer_of(name: str) -> int | None:
     """Decoder layer index parsed from a parameter name (never by substring: "layers.1." != "layers.10.")."""
     m = _LAYER_RE.search(name)
@@ -136,16 +155,20 @@ class AdapterStore:
         return out
 
     def write_block(self, shard: int, prefix, tensors: dict, manifest: dict) -> dict:
-        """Atomically store one block's tensors with its manifest; returns the manifest written."""
-        from safetensors.torch import save_file
-
+        """Atomically store one block's tensors (torch or numpy) with its manifest; returns the manifest
+        written. Callers go through :meth:`s3t_llm.run.Run.write_block`, which checks the data is current."""
         final = self.block_dir(shard, prefix)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        staging = staging_dir(final.parent, final.name)
         try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())},
-                      str(staging / BLOCK_FILE))
+            if tensors and all(hasattr(v, "detach") for v in tensors.values()):
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())},
+                          str(staging / BLOCK_FILE))
+            else:
+                from safetensors.numpy import save_file
+
+                save_file(dict(sorted(tensors.items())), str(staging / BLOCK_FILE))
             manifest = dict(manifest)
             manifest.update(shard=int(shard), prefix=list(prefix), depth=len(prefix),
                             tensor_file=BLOCK_FILE, sha256=sha256_file(staging / BLOCK_FILE),
@@ -181,13 +204,14 @@ class AdapterStore:
                 "prefix": list(prefix), "slices": man.get("slices")}
 
     def clean_staging(self) -> int:
-        """Remove staging directories left by a killed process; returns how many."""
+        """Remove staging directories whose owner process is dead (never a live job's); returns how many."""
         n = 0
-        for base in (self.blocks_dir, self.adapters_dir):
+        for base in (self.blocks_dir, self.adapters_dir, self.root / "unlearned"):
             if base.exists():
-                for p in base.rglob(".staging-*"):
-                    shutil.rmtree(p, ignore_errors=True)
-                    n += 1
+                for p in list(base.rglob(".staging-*")):
+                    if not staging_owner_alive(p):
+                        shutil.rmtree(p, ignore_errors=True)
+                        n += 1
         return n
 
     # ----- prefix adapters ------------------------------------------------------------------------
@@ -223,9 +247,7 @@ class AdapterStore:
             layers.extend(man["layers"])
             blocks.append({"prefix": list(prefix[:k]), "sha256": man["sha256"], "layers": man["layers"],
                            "slices": man["slices"], "slice_hashes": man["slice_hashes"]})
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.parent / f".staging-{name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        staging = staging_dir(final.parent, name)
         try:
             _write_json(staging / ADAPTER_CONFIG, peft_lora_config(lora, sorted(layers), base_model))
             save_file(tensors, str(staging / ADAPTER_FILE))
@@ -236,7 +258,12 @@ class AdapterStore:
                 "sha256": sha256_file(staging / ADAPTER_FILE), "created_at": time.time(),
             })
             _fsync_dir(staging)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not (final / ADAPTER_MANIFEST).exists():
+                    raise
+                # Another job materialised the same name (same blocks, hence the same bytes) first.
             _fsync_dir(final.parent)
         finally:
             if staging.exists():

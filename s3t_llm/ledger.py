@@ -6,20 +6,27 @@ validation happens inside it before anything is written, so a process killed at 
 error raised at any point, leaves the database as it was before the call or with the whole call
 applied, never in between.
 
-Schema (version 1; ``meta.schema_version``)
+Schema (version 2; ``meta.schema_version``)
 -------------------------------------------
 ``meta(key TEXT PK, value TEXT)``
-    ``schema_version`` = ``"1"``.
+    ``schema_version`` = ``"2"``.
 ``datasets(name PK, m, L, seed, key_hex, source, n_samples, created_at)``
     ``m`` shards by ``L`` slices; ``key_hex`` is the HMAC key of the assignment rule; ``n_samples``
     counts all samples ever registered (deleted ones included).
-``samples(dataset, sample_id, idx, shard, slice, content_hash, record_json, deleted_request)``
+``samples(dataset, sample_id, idx, shard, slice, content_hash, record_json, deleted_request, content_hmac)``
     PK ``(dataset, sample_id)``, UNIQUE ``(dataset, idx)``, index ``(dataset, shard, slice, idx)``
-    and a partial index on ``deleted_request``. ``record_json`` is the canonical JSON of the
-    normalised record (``records.canonical_json``), so ``sha256(record_json) == content_hash``.
+    and a partial index on ``deleted_request``. For a live sample ``record_json`` is the canonical JSON
+    of the normalised record (``records.canonical_json``), so ``sha256(record_json) == content_hash``.
     ``deleted_request`` is NULL while the sample is live, else the request that deleted it (an FK
-    to ``deletion_requests``). Triggers forbid changing ``dataset/sample_id/idx/shard/slice/
-    content_hash/record_json`` and un-deleting or re-attributing a deleted sample.
+    to ``deletion_requests``). A deleted sample is a **tombstone**: in the transaction that deletes
+    it, ``record_json`` and ``content_hash`` become NULL and ``content_hmac`` = HMAC-SHA256 under the
+    dataset's key of the record's canonical JSON (a plain hash would confirm a guessed text; the keyed
+    one lets the key holder check that a file the user passes holds the deleted record). With
+    ``PRAGMA secure_delete`` on and :meth:`Ledger.erase` (WAL checkpoint + VACUUM) after a deletion,
+    the bytes are gone from the database file and its WAL. Triggers forbid changing ``dataset/
+    sample_id/idx/shard/slice``, changing content other than erasing it once on deletion, and
+    un-deleting or re-attributing a deleted sample. (Schema 1 kept deleted records verbatim;
+    :func:`migrate` upgrades such a ledger in place and erases them.)
 ``slices(dataset, shard, slice, n_live, content_hash)``
     PK ``(dataset, shard, slice)``, one row per cell (all ``m*L`` cells, empty ones included).
     ``content_hash`` = :func:`slice_content_hash` of the content hashes of the cell's LIVE samples:
@@ -79,12 +86,32 @@ __all__ = [
     "Ledger",
     "default_key",
     "slice_content_hash",
+    "check_request_id",
+    "content_hmac",
+    "migrate",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Request statuses, in the only order they may move.
 STATUSES = ("received", "planned", "applied")
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+#: Request ids name certificate files: a safe alphabet, a length limit, no path characters.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_request_id(request_id: Any) -> str:
+    """A request id is 1-128 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
+    if not isinstance(request_id, str) or not REQUEST_ID_RE.fullmatch(request_id):
+        shown = repr(request_id) if not isinstance(request_id, str) else repr(request_id[:40]) + (
+            f"... ({len(request_id)} characters)" if len(request_id) > 40 else "")
+        raise LedgerError(f"request_id {shown} is not allowed: use 1-128 characters of letters, digits, "
+                          "'.', '_' or '-', starting with a letter or digit")
+    return request_id
+
+
+def content_hmac(key_hex: str, record_json: str) -> str:
+    """The tombstone of a deleted record: HMAC-SHA256 under the dataset's key of its canonical JSON."""
+    return hmac.new(bytes.fromhex(key_hex), record_json.encode("utf-8"), hashlib.sha256).hexdigest()
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's variable limit
 
 _SCHEMA = """
@@ -128,9 +155,10 @@ CREATE TABLE IF NOT EXISTS samples (
     idx             INTEGER NOT NULL,
     shard           INTEGER NOT NULL,
     slice           INTEGER NOT NULL,
-    content_hash    TEXT NOT NULL,
-    record_json     TEXT NOT NULL,
+    content_hash    TEXT,
+    record_json     TEXT,
     deleted_request TEXT REFERENCES deletion_requests(request_id),
+    content_hmac    TEXT,
     PRIMARY KEY (dataset, sample_id),
     UNIQUE (dataset, idx)
 );
@@ -150,9 +178,18 @@ CREATE TRIGGER IF NOT EXISTS samples_cell_immutable
 BEFORE UPDATE ON samples
 WHEN NEW.dataset IS NOT OLD.dataset OR NEW.sample_id IS NOT OLD.sample_id
   OR NEW.idx IS NOT OLD.idx OR NEW.shard IS NOT OLD.shard OR NEW.slice IS NOT OLD.slice
-  OR NEW.content_hash IS NOT OLD.content_hash OR NEW.record_json IS NOT OLD.record_json
 BEGIN
     SELECT RAISE(ABORT, 'samples: a registered sample and its cell never change');
+END;
+CREATE TRIGGER IF NOT EXISTS samples_content_only_erased
+BEFORE UPDATE OF content_hash, record_json, content_hmac ON samples
+WHEN NOT (
+    (NEW.content_hash IS OLD.content_hash AND NEW.record_json IS OLD.record_json
+     AND NEW.content_hmac IS OLD.content_hmac)
+    OR (NEW.deleted_request IS NOT NULL AND NEW.record_json IS NULL AND NEW.content_hash IS NULL
+        AND OLD.content_hmac IS NULL AND NEW.content_hmac IS NOT NULL))
+BEGIN
+    SELECT RAISE(ABORT, 'samples: content never changes; it is only erased (once) when deleted');
 END;
 CREATE TRIGGER IF NOT EXISTS samples_deletion_final
 BEFORE UPDATE OF deleted_request ON samples
@@ -332,6 +369,7 @@ class Ledger:
                 raise LedgerError(f"{path}: could not switch the ledger to WAL mode (got {mode})")
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA secure_delete=ON")  # freed bytes (erased records) are overwritten
             self._init_schema()
         except sqlite3.DatabaseError as e:
             con.close()
@@ -344,10 +382,17 @@ class Ledger:
 
     def _init_schema(self) -> None:
         with self._write() as con:
+            has_meta = con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+            row = has_meta and con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row and row[0] != str(SCHEMA_VERSION):
+                raise LedgerError(
+                    f"{self.path}: ledger schema version {row[0]}, this code reads {SCHEMA_VERSION}; "
+                    f"upgrade it in place with `s3t migrate {self.path.parent}` (erases the records of "
+                    "deleted samples, which schema 1 kept)"
+                )
             # (executescript would COMMIT our transaction, so run the statements one by one)
             for stmt in _split_sql(_SCHEMA):
                 con.execute(stmt)
-            row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 con.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -525,12 +570,19 @@ class Ledger:
                     )
                 if okey != key_bytes.hex():
                     raise LedgerError(f"dataset {name!r} is registered with a different key")
-                existing = dict(
-                    con.execute(
-                        "SELECT sample_id, content_hash FROM samples WHERE dataset=?", (name,)
-                    )
-                )
-                changed = [s for s, v in by_id.items() if s in existing and existing[s] != v[0]]
+                existing, hmacs = {}, {}
+                for sid, chash, hm in con.execute(
+                    "SELECT sample_id, content_hash, content_hmac FROM samples WHERE dataset=?", (name,)
+                ):
+                    existing[sid] = chash
+                    if hm is not None:
+                        hmacs[sid] = hm
+                # A deleted sample is a tombstone: the same record again is recognised by its keyed
+                # HMAC and stays deleted (never revived); a different record under its id is an error.
+                changed = [
+                    s for s, v in by_id.items() if s in existing and (
+                        content_hmac(okey, v[1]) != hmacs[s] if s in hmacs else existing[s] != v[0])
+                ]
                 if changed:
                     more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
                     raise LedgerError(
@@ -634,6 +686,13 @@ class Ledger:
             raise UnknownSampleError(name, unknown)
         return {s: (found[s][0], found[s][1]) for s in ids}
 
+    def cells_known(self, name: str, sample_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Like :meth:`cell_of` for the ids this dataset knows; other ids are left out."""
+        ids = _id_list(sample_ids)
+        with self._read() as con:
+            self._dataset_row(con, name)
+            return {s: (v[0], v[1]) for s, v in self._lookup(con, name, ids).items()}
+
     def _check_cell(self, row: tuple, shard: Any, sl: Any) -> None:
         name, m, L = row[0], row[1], row[2]
         _check_int("shard", shard)
@@ -647,7 +706,7 @@ class Ledger:
         self, name: str, shard: int, slice: int, *, include_deleted: bool = False
     ) -> list[tuple[str, dict]]:
         """``[(sample_id, normalised record)]`` of one cell in ``idx`` order (live ones only
-        unless ``include_deleted``)."""
+        unless ``include_deleted``; a deleted sample's record is ``None``: its content was erased)."""
         with self._read() as con:
             self._check_cell(self._dataset_row(con, name), shard, slice)
             q = (
@@ -655,7 +714,8 @@ class Ledger:
                 + ("" if include_deleted else " AND deleted_request IS NULL")
                 + " ORDER BY idx"
             )
-            return [(sid, json.loads(text)) for sid, text in con.execute(q, (name, shard, slice))]
+            return [(sid, None if text is None else json.loads(text))
+                    for sid, text in con.execute(q, (name, shard, slice))]
 
     def slice_hash(self, name: str, shard: int, slice: int) -> str:
         """The content hash of one cell's live samples (see :func:`slice_content_hash`)."""
@@ -756,7 +816,8 @@ class Ledger:
         )
 
     def journal_deletion(
-        self, name: str, sample_ids: Iterable[str], *, request_id: str | None = None
+        self, name: str, sample_ids: Iterable[str], *, request_id: str | None = None,
+        also: Iterable[str] = (),
     ) -> DeletionRequest:
         """Record a deletion request and mark its samples deleted, in one transaction.
 
@@ -780,8 +841,9 @@ class Ledger:
             raise LedgerError(f"dataset {name!r}: duplicate ids in deletion request: {shown}")
         if request_id is None:
             request_id = uuid.uuid4().hex
-        elif not isinstance(request_id, str) or not request_id.strip():
-            raise LedgerError(f"request_id must be a non-empty string, got {request_id!r}")
+        check_request_id(request_id)
+        for other in also:
+            _check_name(other)
 
         with self._write() as con:
             self._dataset_row(con, name)
@@ -797,6 +859,12 @@ class Ledger:
                     )
                 return self._request(con, request_id)
             found = self._lookup(con, name, ids)
+            where = {s: name for s in found}
+            for other in also:  # e.g. the run's held-out samples: deletable like any other
+                self._dataset_row(con, other)
+                rest = [s for s in ids if s not in where]
+                for s, v in self._lookup(con, other, rest).items():
+                    found[s], where[s] = v, other
             unknown = [s for s in ids if s not in found]
             if unknown:
                 raise UnknownSampleError(name, unknown)
@@ -806,20 +874,83 @@ class Ledger:
                 "status) VALUES (?,?,?,?, 'received')",
                 (request_id, name, json.dumps(ids), _now()),
             )
+            keys = {ds: self._dataset_row(con, ds)[4] for ds in set(where.values())}
+            rows = []
+            for s in newly:
+                text = con.execute("SELECT record_json FROM samples WHERE dataset=? AND sample_id=?",
+                                   (where[s], s)).fetchone()[0]
+                rows.append((request_id, content_hmac(keys[where[s]], text), where[s], s))
+            # Deleting a sample erases its content in the same transaction: a tombstone stays.
             con.executemany(
-                "UPDATE samples SET deleted_request=? WHERE dataset=? AND sample_id=? "
-                "AND deleted_request IS NULL",
-                [(request_id, name, s) for s in newly],
+                "UPDATE samples SET deleted_request=?, content_hmac=?, record_json=NULL, "
+                "content_hash=NULL WHERE dataset=? AND sample_id=? AND deleted_request IS NULL",
+                rows,
             )
-            cells = sorted({found[s][:2] for s in newly})
-            self._recompute_slices(con, name, cells)
+            by_ds: dict[str, set] = defaultdict(set)
+            for s in newly:
+                by_ds[where[s]].add(found[s][:2])
+            for ds, ds_cells in by_ds.items():
+                self._recompute_slices(con, ds, ds_cells)
+            cells = sorted(by_ds.get(name, set()))
             self._event(
                 con,
                 request_id,
                 "received",
-                {"n_ids": len(ids), "newly_deleted": newly, "touched_cells": cells},
+                {"n_ids": len(ids), "newly_deleted": newly, "touched_cells": cells,
+                 "other_datasets": sorted({where[s] for s in newly} - {name})},
             )
             return self._request(con, request_id)
+
+    def erase(self, attempts: int = 50) -> dict:
+        """Make erased content unrecoverable from the files: checkpoint the WAL into the database and
+        truncate it, VACUUM (rebuilds the file without free pages), checkpoint again. ``secure_delete`` is
+        on for every connection, so freed cells were already zeroed. Retries while other connections
+        hold read snapshots; returns what was done."""
+        t0 = time.perf_counter()
+        out = {"vacuum": False, "wal_truncated": False}
+        for i in range(attempts):
+            try:
+                busy = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    raise sqlite3.OperationalError("checkpoint busy")
+                self._con.execute("VACUUM")
+                out["vacuum"] = True
+                busy = self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    raise sqlite3.OperationalError("checkpoint busy")
+                out["wal_truncated"] = True
+                break
+            except sqlite3.OperationalError:
+                time.sleep(0.02 * (i + 1))
+        out["seconds"] = round(time.perf_counter() - t0, 4)
+        if not out["wal_truncated"]:
+            raise LedgerError(f"{self.path}: could not checkpoint and vacuum the ledger (other readers)")
+        return out
+
+    def tombstone_matches(self, name: str, sample_id: str, record: dict) -> bool:
+        """Whether ``record`` is the deleted sample's record (its keyed HMAC equals the tombstone's)."""
+        try:
+            _, _, text = _records.identify(record, f"record {sample_id!r}")
+        except _records.RecordError as e:
+            raise LedgerError(str(e)) from None
+        with self._read() as con:
+            key_hex = self._dataset_row(con, name)[4]
+            row = con.execute("SELECT content_hmac FROM samples WHERE dataset=? AND sample_id=?",
+                              (name, sample_id)).fetchone()
+        if row is None:
+            raise UnknownSampleError(name, [sample_id])
+        return row[0] is not None and hmac.compare_digest(row[0], content_hmac(key_hex, text))
+
+    def tombstones(self, name: str) -> dict[str, str]:
+        """``{sample_id: content_hmac}`` of the dataset's deleted samples."""
+        with self._read() as con:
+            self._dataset_row(con, name)
+            return dict(con.execute("SELECT sample_id, content_hmac FROM samples WHERE dataset=? "
+                                    "AND deleted_request IS NOT NULL", (name,)))
+
+    def key_hex(self, name: str) -> str:
+        with self._read() as con:
+            return self._dataset_row(con, name)[4]
 
     def mark_planned(self, request_id: str, plan: dict) -> DeletionRequest:
         """Attach the retraining ``plan`` (a JSON-serialisable dict) and move the request to
@@ -941,16 +1072,20 @@ class Ledger:
                 n = 0
                 idxs = set()
                 deleted_by: dict[str, set[str]] = defaultdict(set)
-                for sid, idx, shard, sl, chash, text, dreq in con.execute(
+                for sid, idx, shard, sl, chash, text, dreq, hm in con.execute(
                     "SELECT sample_id, idx, shard, slice, content_hash, record_json, "
-                    "deleted_request FROM samples WHERE dataset=?",
+                    "deleted_request, content_hmac FROM samples WHERE dataset=?",
                     (ds,),
                 ):
                     n += 1
                     idxs.add(idx)
                     if (shard, sl) != (idx % m, (idx // m) % L):
                         problems.append(f"{ds}: sample {sid!r} idx {idx} is in cell ({shard}, {sl})")
-                    if hashlib.sha256(text.encode("utf-8")).hexdigest() != chash:
+                    if dreq is not None:
+                        if text is not None or chash is not None or not hm:
+                            problems.append(f"{ds}: deleted sample {sid!r} still holds content "
+                                            "(or lacks its tombstone)")
+                    elif text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != chash:
                         problems.append(f"{ds}: sample {sid!r} record_json does not match its hash")
                     if dreq is None:
                         live[(shard, sl)].append(chash)
@@ -979,13 +1114,17 @@ class Ledger:
                     (ds,),
                 ).fetchall():
                     ids = set(json.loads(ids_json))
-                    live_ids = self._lookup(con, ds, sorted(ids))
+                    live_ids = {}
+                    for other in [ds] + [r[0] for r in con.execute("SELECT name FROM datasets WHERE name<>?",
+                                                                    (ds,))]:
+                        rest = sorted(ids - set(live_ids))
+                        live_ids.update(self._lookup(con, other, rest))
                     not_deleted = [s for s in ids if s not in live_ids or live_ids[s][2] is None]
                     if not_deleted:
                         problems.append(
                             f"{ds}: request {rid!r} has {len(not_deleted)} ids not deleted"
                         )
-                    if not deleted_by.get(rid, set()) <= ids:
+                    if not all_deleted_by(con, rid) <= ids:
                         problems.append(f"{ds}: request {rid!r} deleted samples outside its list")
                     evs = {
                         r[0]
@@ -1009,6 +1148,61 @@ class Ledger:
                     if not needed <= evs:
                         problems.append(f"{ds}: request {rid!r} lacks events {sorted(needed - evs)}")
         return problems
+
+
+def all_deleted_by(con: sqlite3.Connection, request_id: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT sample_id FROM samples WHERE deleted_request=?", (request_id,))}
+
+
+def migrate(path: str | Path) -> dict:
+    """Upgrade a schema-1 ledger in place to schema 2: the samples table is rebuilt with nullable content
+    and tombstones, every deleted sample's record is erased (keyed HMAC kept), and the file is vacuumed.
+    One transaction; a ledger already at schema 2 is left as it is."""
+    path = Path(path)
+    con = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            raise LedgerError(f"{path}: not an s3t ledger (no schema version)")
+        if row[0] == str(SCHEMA_VERSION):
+            return {"from": SCHEMA_VERSION, "to": SCHEMA_VERSION, "erased": 0}
+        if row[0] != "1":
+            raise LedgerError(f"{path}: cannot migrate schema {row[0]}")
+        con.execute("PRAGMA secure_delete=ON")
+        con.execute("PRAGMA foreign_keys=OFF")
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for (trig,) in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+                con.execute(f"DROP TRIGGER {trig}")
+            con.execute("ALTER TABLE samples RENAME TO samples_v1")
+            con.execute("DROP INDEX IF EXISTS samples_cell")
+            con.execute("DROP INDEX IF EXISTS samples_deleted")
+            for stmt in _split_sql(_SCHEMA):
+                con.execute(stmt)
+            keys = dict(con.execute("SELECT name, key_hex FROM datasets"))
+            erased = 0
+            for ds, sid, idx, shard, sl, chash, text, dreq in con.execute(
+                    "SELECT dataset, sample_id, idx, shard, slice, content_hash, record_json, deleted_request "
+                    "FROM samples_v1").fetchall():
+                hm = None
+                if dreq is not None:
+                    hm, chash, text = content_hmac(keys[ds], text), None, None
+                    erased += 1
+                con.execute("INSERT INTO samples(dataset, sample_id, idx, shard, slice, content_hash, record_json, "
+                            "deleted_request, content_hmac) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (ds, sid, idx, shard, sl, chash, text, dreq, hm))
+            con.execute("DROP TABLE samples_v1")
+            con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("PRAGMA foreign_keys=ON")
+    finally:
+        con.close()
+    with Ledger(path) as led:
+        led.erase()
+    return {"from": 1, "to": SCHEMA_VERSION, "erased": erased}
 
 
 def _split_sql(script: str) -> list[str]:

@@ -14,14 +14,17 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import exactness
 from .adapters import AdapterStore
 from .config import ConfigError, RunConfig, load_config
 from .ledger import Ledger
+from .locking import writer_lock
 from .paths import alpaca_path
 
 logger = logging.getLogger(__name__)
 
 DATASET = "train"
+HELDOUT = "heldout"  # the run's held-out records: ledger samples too (deletable, erased like any other)
 RUN_FILE = "run.json"
 
 
@@ -128,11 +131,18 @@ class Run:
         return {"r": c.r, "alpha": c.alpha, "rslora": c.rslora, "target_modules": list(c.target_modules),
                 "dropout": c.dropout}
 
+    def datasets(self) -> list[str]:
+        """The ledger datasets of this run: the training data first, then the held-out records."""
+        with self.ledger() as led:
+            names = {d.name for d in led.datasets()}
+        return [DATASET] + ([HELDOUT] if HELDOUT in names else [])
+
     def heldout(self) -> list[dict]:
-        p = self.dir / "heldout.jsonl"
-        if not p.exists():
-            return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        """The live held-out records (never trained on; deleted ones are gone), in registration order."""
+        with self.ledger() as led:
+            if HELDOUT not in {d.name for d in led.datasets()}:
+                return []
+            return [{"id": sid, **rec} for sid, rec in led.slice_samples(HELDOUT, 0, 0)]
 
     # ----- creation / opening ---------------------------------------------------------------------
     @classmethod
@@ -176,44 +186,82 @@ class Run:
         train, heldout, source = load_training_records(cfg)
         with Ledger(d / "ledger.sqlite") as led:
             res = led.register(DATASET, train, m=s.shards, L=s.slices, seed=s.seed, source=source)
+            if heldout:
+                led.register(HELDOUT, heldout, m=1, L=1, seed=s.seed, source=source)
         logger.info("registered %d samples (%d duplicates collapsed) from %s in %.1fs",
                     res.n_new, res.n_duplicates_collapsed, source, res.seconds)
-        tmp = d / "heldout.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in heldout))
-        tmp.replace(d / "heldout.jsonl")
         info["source"] = source
         tmpf = d / (RUN_FILE + ".tmp")
         tmpf.write_text(json.dumps(info, indent=2))
         tmpf.replace(f)  # run.json last: its presence means the run is fully set up
         return cls(d, cfg, info)
 
-    # ----- state ----------------------------------------------------------------------------------
+    # ----- state: everything below decides through s3t_llm.exactness --------------------------------
     def slice_hashes(self) -> dict[tuple[int, int], str]:
         with self.ledger() as led:
             return led.slice_hashes(DATASET)
 
-    def block_is_valid(self, shard: int, prefix, hashes: dict | None = None) -> bool:
-        """A block is valid iff it exists and every slice it was trained on is unchanged since."""
+    def block_manifests(self) -> dict:
         store = self.store
-        if not store.has_block(shard, prefix):
-            return False
-        hashes = hashes if hashes is not None else self.slice_hashes()
-        man = store.manifest(shard, prefix)
-        return all(hashes[(shard, int(sl))] == h for sl, h in man["slice_hashes"].items())
+        return {(s, p): store.manifest(s, p) for s, p in store.blocks()}
 
-    def surviving_prefix(self, shard: int, seq: list[int], hashes: dict | None = None) -> int:
+    def snapshot(self) -> "Snapshot":
+        """The inputs of the exactness rule, read now: slice hashes (ledger), block, adapter and derived
+        (approximately unlearned) manifests (store)."""
+        store = self.store
+        adapters = {n: store.adapter_manifest(n) for n in store.adapters()}
+        derived = {}
+        for mf in sorted((self.dir / "unlearned").glob("*/unlearn_manifest.json")):
+            man = json.loads(mf.read_text())
+            src = man.get("source_adapter", {})
+            derived[mf.parent.name] = {"shard": man.get("shard", src.get("shard")), "path": str(mf.parent),
+                                       "source_blocks": src.get("blocks", []), "sha256": man.get("sha256")}
+        return Snapshot(self.slice_hashes(), self.block_manifests(), adapters, derived)
+
+    def desired_routing(self, snap: "Snapshot | None" = None) -> dict[int, dict | None]:
+        snap = snap or self.snapshot()
+        return exactness.desired_routing(self.config.name, self.shards, self.sequences, snap.blocks, snap.hashes)
+
+    def block_is_valid(self, shard: int, prefix, hashes: dict | None = None) -> bool:
+        """A block is valid iff it exists, its slices are unchanged since it was trained, and its parent is
+        valid with the digest it was trained on (``exactness.valid_blocks``)."""
         hashes = hashes if hashes is not None else self.slice_hashes()
-        k = 0
-        while k < len(seq) and self.block_is_valid(shard, tuple(seq[:k + 1]), hashes):
-            k += 1
-        return k
+        return (int(shard), tuple(int(x) for x in prefix)) in exactness.valid_blocks(self.block_manifests(), hashes)
 
     def best_prefixes(self) -> dict[int, tuple[int, int]]:
         """For each shard: (index of the sequence with the longest valid prefix, its length)."""
-        hashes = self.slice_hashes()
-        out = {}
-        for s in range(self.shards):
-            lens = [self.surviving_prefix(s, seq, hashes) for seq in self.sequences]
-            best = max(range(len(lens)), key=lambda i: (lens[i], -i))
-            out[s] = (best, lens[best])
-        return out
+        routing = self.desired_routing()
+        return {s: ((e["sequence"], e["depth"]) if e else (0, 0)) for s, e in routing.items()}
+
+    def write_block(self, shard: int, prefix, tensors: dict, manifest: dict) -> dict:
+        """Store a trained block only if what it was trained on is still current: every slice hash in its
+        manifest equals the ledger's, and its parent is valid with ``manifest["parent_sha256"]``. The check
+        and the write hold the run's writer lock, so no deletion can land between them."""
+        prefix = tuple(int(x) for x in prefix)
+        with writer_lock(self.dir):
+            hashes = self.slice_hashes()
+            blocks = self.block_manifests()
+            now = {str(sl): hashes[(int(shard), int(sl))] for sl in prefix}
+            if manifest.get("slice_hashes") != now:
+                raise StaleStageError(f"slices of shard {shard} prefix {prefix} changed while it trained")
+            if len(prefix) > 1:
+                parent = (int(shard), prefix[:-1])
+                if parent not in exactness.valid_blocks(blocks, hashes) or \
+                        blocks[parent]["sha256"] != manifest.get("parent_sha256"):
+                    raise StaleStageError(f"the parent block of shard {shard} prefix {prefix} changed while it trained")
+            return self.store.write_block(shard, prefix, tensors, manifest)
+
+
+class StaleStageError(RuntimeError):
+    """What a stage trained on is no longer current (a deletion landed, or its parent was replaced)."""
+
+
+@dataclass
+class Snapshot:
+    hashes: dict
+    blocks: dict
+    adapters: dict
+    derived: dict
+
+    def stale(self) -> dict[str, list]:
+        return exactness.stale(self.blocks, self.hashes, self.adapters, self.derived)

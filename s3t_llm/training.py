@@ -20,9 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import exactness
 from .adapters import layer_of
 from .prompts import to_example
-from .run import DATASET, Run
+from .locking import hold
+from .run import DATASET, Run, StaleStageError
+
+__all__ = ["StageTrainer", "StaleStageError", "stage_plan", "train_run", "training_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +238,10 @@ class StageTrainer:
         examples, hashes, ids = self.stage_examples(shard, prefix)
         if not examples:
             raise RuntimeError(f"shard {shard} prefix {prefix} has no live samples to train on")
+        parent_sha = run.store.manifest(shard, prefix[:-1])["sha256"] if k > 1 else None
         self.set_stack(shard, prefix, fresh_top=True, seed=seed)
+        if k > 1 and run.store.manifest(shard, prefix[:-1])["sha256"] != parent_sha:
+            raise StaleStageError(f"the parent block of shard {shard} prefix {prefix} changed while it was loaded")
         for b, params in self.block_params.items():
             for _, p in params:
                 p.requires_grad_(b == k)
@@ -255,11 +262,8 @@ class StageTrainer:
         for _, p in self.block_params[k]:
             p.requires_grad_(False)
 
-        # A deletion that arrived during training invalidates what was just trained: do not store it.
-        with run.ledger() as led:
-            hashes_after = {str(sl): led.slice_hash(DATASET, shard, sl) for sl in prefix}
-        if hashes_after != hashes:
-            raise StaleStageError(f"slices of shard {shard} prefix {prefix} changed during training")
+        # A deletion that arrived during training invalidates what was just trained: Run.write_block checks
+        # the slice hashes and the parent's digest again, under the writer lock, and refuses a stale stage.
         lc = cfg.lora
         manifest = {
             "block": k, "layers": run.blocks[k - 1], "slices": list(prefix), "slice_hashes": hashes,
@@ -270,15 +274,24 @@ class StageTrainer:
                      "target_modules": list(lc.target_modules)},
             "seed": seed, "train_loss": float(out.training_loss), "steps": int(out.global_step),
             "tokens": n_tokens * max(1, round(cfg.train.epochs)), "seconds": seconds,
+            "parent_sha256": parent_sha, "env": training_env(),
         }
         if is_main_process():
-            manifest = run.store.write_block(shard, prefix, self.block_tensors(k), manifest)
+            manifest = run.write_block(shard, prefix, self.block_tensors(k), manifest)
         _wait_for_everyone()
         return manifest
 
 
-class StaleStageError(RuntimeError):
-    pass
+def training_env() -> dict:
+    """What a bit-for-bit replay of a stage needs to match (recorded in every block manifest)."""
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "threads": torch.get_num_threads(), "device": dev}
 
 
 def stage_plan(run: Run, shards: list[int] | None = None, sequences: list[int] | None = None):
@@ -303,14 +316,19 @@ def train_run(run: Run, *, shards: list[int] | None = None, sequences: list[int]
     Resumable: a finished block (its manifest is written last, atomically) whose slices are unchanged is
     kept; anything else is (re)trained from the first unfinished stage.
     """
+    with hold(run.dir, "train"):
+        return _train_run(run, shards=shards, sequences=sequences, precision=precision, progress=progress)
+
+
+def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
     from tqdm.auto import tqdm
 
     n_clean = run.store.clean_staging()
     if n_clean:
         logger.info("removed %d partial artifacts from an interrupted run", n_clean)
     plan = stage_plan(run, shards, sequences)
-    hashes = run.slice_hashes()
-    todo = [(s, p) for s, p in plan if not run.block_is_valid(s, p, hashes)]
+    valid = exactness.valid_blocks(run.block_manifests(), run.slice_hashes())
+    todo = [(s, p) for s, p in plan if (s, p) not in valid]
     summary = {"stages_total": len(plan), "stages_reused": len(plan) - len(todo), "stages_trained": 0,
                "tokens": 0, "seconds": 0.0, "blocks": []}
     if not todo:
@@ -322,10 +340,10 @@ def train_run(run: Run, *, shards: list[int] | None = None, sequences: list[int]
         lock = run.store.blocks_dir / f"shard{shard}" / f".lock-{'-'.join(map(str, prefix))}"
         with _block_lock(lock):
             # Another job may have trained it while we waited for the lock; a parent may have gone stale.
-            hashes = run.slice_hashes()
-            if run.block_is_valid(shard, prefix, hashes):
+            valid = exactness.valid_blocks(run.block_manifests(), run.slice_hashes())
+            if (shard, prefix) in valid:
                 continue
-            if len(prefix) > 1 and not run.block_is_valid(shard, prefix[:-1], hashes):
+            if len(prefix) > 1 and (shard, prefix[:-1]) not in valid:
                 logger.warning("skipping shard %d prefix %s: its parent block is not valid", shard, prefix)
                 continue
             man = trainer.train_stage(shard, prefix)

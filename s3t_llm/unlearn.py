@@ -50,10 +50,9 @@ import random
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, check_adapter_name, peft_lora_config, sha256_file
+from .adapters import ADAPTER_CONFIG, ADAPTER_FILE, check_adapter_name, peft_lora_config, sha256_file, staging_dir
 from .prompts import to_example
 from .run import DATASET, Run
 
@@ -531,9 +530,7 @@ def write_adapter(run: Run, name: str, model, layers: list[int], manifest: dict)
     final = run.dir / UNLEARNED_DIR / check_adapter_name(name)
     if final.exists():
         raise FileExistsError(f"{final} exists; adapter names are never reused")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-{name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = staging_dir(final.parent, name)
     try:
         tensors = {saved_key(n): p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if "lora_" in n}
         save_file(dict(sorted(tensors.items())), str(staging / ADAPTER_FILE))

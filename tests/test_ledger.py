@@ -19,6 +19,7 @@ import pytest
 
 from s3t_llm import paths
 from s3t_llm.ledger import (
+    SCHEMA_VERSION,
     DeletionRequest,
     Ledger,
     LedgerError,
@@ -80,7 +81,7 @@ def test_open_creates_wal_db_with_schema(db):
         assert led.datasets() == []
     con = sqlite3.connect(str(db))
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
     assert {"deletion_requests_no_delete", "deletion_events_no_delete", "deletion_requests_status_forward"} <= names
     con.close()
