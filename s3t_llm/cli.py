@@ -47,12 +47,15 @@ def cmd_train(args) -> int:
     from .run import Run
     from .training import train_run
 
+    from .locking import hold
+
     cfg = load_config(args.recipe, args.overrides)
     run = Run.create(cfg)
     t0 = time.perf_counter()
-    summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
-    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    adapters = export_best(run) if not args.no_export else {}
+    with hold(run.dir, "train"):  # refuses while `s3t serve` holds the run (it is the one writer then)
+        summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
+        summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        adapters = export_best(run) if not args.no_export else {}
     print(f"run: {run.dir.resolve()}")
     print(f"stages: {summary['stages_trained']} trained, {summary['stages_reused']} reused "
           f"of {summary['stages_total']} in {summary['wall_seconds']} s")
@@ -121,31 +124,48 @@ def _deletion_ids(values: list[str]) -> list[str]:
 
 
 def cmd_delete(args) -> int:
+    import uuid
+
     import requests
 
-    from .run import Run
+    from .ledger import check_request_id
+    from .locking import holders
+    from .run import DATASET, Run
     from .serving import SERVE_FILE
 
     run = Run.open(args.run)
     ids = _deletion_ids(args.ids)
     if args.offline:
-        from .deletion import apply_deletion
+        from .deletion import apply_deletion, certificate_path
 
+        # Refuses (naming the server) while `s3t serve` holds the run.
         cert = apply_deletion(run, ids, request_id=args.request_id)
         _print_deletion(cert["request_id"], cert["noop"], cert["served_changes"], cert["dead_shards"],
-                        cert["deletion_to_effect_seconds"], str(run.dir / "certificates" / f"{cert['request_id']}.json"))
+                        cert["deletion_to_effect_seconds"], str(certificate_path(run, cert["request_id"])))
         return 0
+    # The request id is chosen here, so that the outcome can be found in the ledger whatever the server does.
+    rid = check_request_id(args.request_id or uuid.uuid4().hex)
+    server = next((h for h in holders(run.dir) if h.get("role") == "serve"), None)
     sf = run.dir / SERVE_FILE
-    if not sf.exists():
-        raise FileNotFoundError(f"run {run.config.name} is not serving (no {sf}); start it with `s3t serve {args.run}` "
-                                "or apply the deletion to the stored run with --offline")
+    if server is None or not sf.exists():
+        raise FileNotFoundError(f"run {run.config.name} is not serving (no live `s3t serve` holds it); start it with "
+                                f"`s3t serve {args.run}` or apply the deletion to the stored run with --offline")
     info = json.loads(sf.read_text())
     token = args.token or info["token"]
     try:
-        r = requests.post(f"{info['url']}/s3t/delete", json={"ids": ids, "request_id": args.request_id},
+        r = requests.post(f"{info['url']}/s3t/delete", json={"ids": ids, "request_id": rid},
                           headers={"Authorization": f"Bearer {token}"}, timeout=3600)
     except requests.ConnectionError:
-        raise FileNotFoundError(f"run {run.config.name} is not serving: nothing answers at {info['url']}") from None
+        with run.ledger() as led:
+            known = {q.request_id: q for q in led.requests(DATASET)}
+        if rid in known:
+            print(f"s3t delete: the server stopped while applying request {rid}; the request is journaled "
+                  f"(status {known[rid].status}): its samples are deleted in the ledger and it completes when "
+                  f"`s3t serve {args.run}` starts again (or with `s3t delete {args.run} --offline --request-id "
+                  f"{rid} --ids ...` while no server runs)", file=sys.stderr)
+            return 3
+        raise FileNotFoundError(f"run {run.config.name} is not serving: nothing answers at {info['url']}; the "
+                                f"request {rid} was not journaled") from None
     try:
         body = r.json()
     except ValueError:
@@ -187,11 +207,41 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from .verify import verify_run
+
+    report = verify_run(args.run, certificate=args.certificate, replay=args.replay, source=args.source,
+                        echo=print)
+    out = Path(args.output) if args.output else None
+    if out:
+        out.write_text(json.dumps(report, indent=2, default=str))
+    n = len(report["problems"])
+    print(f"s3t verify: {'PASS' if not n else 'FAIL'}: {report['checks']} checks, {n} problem(s)"
+          + (f"; report {out}" if out else ""))
+    for p in report["problems"]:
+        print(f"  problem: {p}")
+    return 0 if not n else 1
+
+
+def cmd_migrate(args) -> int:
+    from .run import migrate_run
+
+    for line in migrate_run(args.run):
+        print(line)
+    return 0
+
+
 def cmd_unlearn(args) -> int:
     from .unlearn import unlearn
 
+    forget = None
+    if args.forget_file:
+        from .records import identify, load_records
+
+        forget = {identify(r)[0]: r for r in load_records(args.forget_file)}
     path = unlearn(args.run, _deletion_ids(args.ids), args.method, shard=args.shard, alpha=args.alpha,
-                   variant=args.variant, epochs=args.epochs, lr=args.lr, out_name=args.name)
+                   variant=args.variant, epochs=args.epochs, lr=args.lr, out_name=args.name,
+                   forget_records=forget)
     man = json.loads((path / "unlearn_manifest.json").read_text())
     print(f"{args.method}: approximate unlearning of {man['n_forget']} sample(s) of shard {man['shard']} "
           f"in {man['seconds']:.1f} s (NO guarantee: use `s3t delete` for exact deletion)")
@@ -253,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="apply to the stored run without a server (the next `s3t serve` serves the result)")
     sp.set_defaults(func=cmd_delete)
 
+    sp = sub.add_parser("verify", help="an auditor's independent check of a run (artifacts, lineage, erasure, "
+                                       "serving, certificates); exit 1 on any problem")
+    sp.add_argument("run")
+    sp.add_argument("--certificate", help="check this certificate file in particular")
+    sp.add_argument("--replay", action="store_true",
+                    help="retrain one served prefix from the ledger's live data and compare with the stored blocks")
+    sp.add_argument("--source", help="the user's source file: deleted records found in it (by their keyed HMAC) "
+                                     "are searched for in every byte of the run directory")
+    sp.add_argument("--output", help="write the full report (JSON) here")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser("migrate", help="upgrade a run made by an older s3t in place (ledger schema, held-out "
+                                        "records into the ledger, block lineage)")
+    sp.add_argument("run")
+    sp.set_defaults(func=cmd_migrate)
+
     sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a serving run")
     sp.add_argument("run")
     sp.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names (eval/tasks/*.yaml)")
@@ -271,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=float, default=1.0)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--name", help="name of the new adapter")
+    sp.add_argument("--forget-file", help="records of already-deleted forget ids (their text is erased from the "
+                                          "run); each is checked against the ledger's tombstone")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("experiment", help="experiments: deletion-stream (quality, latency, audit vs deletions)")
@@ -318,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .serving import ServingError
 
-    known = [ConfigError, StoreError, FileNotFoundError, ServingError]
+    from .locking import RunBusy
+
+    known = [ConfigError, StoreError, FileNotFoundError, ServingError, RunBusy]
     for mod, name in (("ledger", "LedgerError"), ("records", "RecordError"), ("planner", "PlanError"),
                       ("models", "ModelError"), ("evaluation", "TaskError")):
         try:

@@ -223,6 +223,8 @@ def _problems(run: Run, served: dict, evidence: list[dict], desired: dict) -> li
     extra = set(served.get("engine_adapters", {})) - {n for n in want.values() if n}
     if extra:
         bad.append(f"the engine still holds adapters that are not routed: {sorted(extra)}")
+    if served.get("engine_unknown_ids"):
+        bad.append(f"the engine holds adapter ids the gateway does not know: {served['engine_unknown_ids']}")
     return bad
 
 

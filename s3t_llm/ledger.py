@@ -1014,9 +1014,9 @@ class Ledger:
                 args = (name, status)
             rows = con.execute(q + " ORDER BY rowid", args).fetchall()
             mine: dict[str, set[str]] = defaultdict(set)
-            for rid, sid in con.execute(
-                "SELECT deleted_request, sample_id FROM samples WHERE dataset=? "
-                "AND deleted_request IS NOT NULL",
+            for rid, sid in con.execute(  # a request may delete samples of other datasets (held-out)
+                "SELECT s.deleted_request, s.sample_id FROM samples s JOIN deletion_requests r "
+                "ON r.request_id = s.deleted_request WHERE r.dataset=?",
                 (name,),
             ):
                 mine[rid].add(sid)

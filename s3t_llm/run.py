@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,7 @@ class Run:
         return [DATASET] + ([HELDOUT] if HELDOUT in names else [])
 
     def heldout(self) -> list[dict]:
-        """The live held-out records (never trained on; deleted ones are gone), in registration order."""
+        """The live held-out records (never trained on; deleted ones are gone), in the ledger's keyed order."""
         with self.ledger() as led:
             if HELDOUT not in {d.name for d in led.datasets()}:
                 return []
@@ -265,3 +266,47 @@ class Snapshot:
 
     def stale(self) -> dict[str, list]:
         return exactness.stale(self.blocks, self.hashes, self.adapters, self.derived)
+
+
+def migrate_run(run_dir: str | Path) -> list[str]:
+    """Upgrade a run made by an older s3t in place (exclusively: refuses while anything else holds the run):
+    ledger schema 1 -> 2 (deleted records erased, tombstones kept), ``heldout.jsonl`` -> the ledger's
+    ``heldout`` dataset (the file is removed), and block manifests without ``parent_sha256`` get their
+    parent's digest when the parent was written before them (otherwise they stay invalid and are retrained)."""
+    from .ledger import migrate
+    from .locking import hold
+
+    d = Path(run_dir)
+    out = []
+    with hold(d, "delete"):
+        res = migrate(d / "ledger.sqlite")
+        out.append(f"ledger: schema {res['from']} -> {res['to']}, {res['erased']} deleted record(s) erased")
+        run = Run.open(d)
+        legacy = d / "heldout.jsonl"
+        if legacy.exists():
+            recs = [json.loads(line) for line in legacy.read_text().splitlines() if line.strip()]
+            with run.ledger() as led:
+                if recs:
+                    led.register(HELDOUT, recs, m=1, L=1, seed=run.config.s3t.seed, source=run.info.get("source"))
+                led.erase()
+            legacy.unlink()
+            out.append(f"held-out: {len(recs)} record(s) moved into the ledger; heldout.jsonl removed")
+        store, fixed, left = run.store, 0, 0
+        for shard, prefix in store.blocks():
+            if len(prefix) < 2:
+                continue
+            man = store.manifest(shard, prefix)
+            if "parent_sha256" in man:
+                continue
+            parent = store.manifest(shard, prefix[:-1]) if store.has_block(shard, prefix[:-1]) else None
+            if parent and parent.get("written_at", 0) <= man.get("written_at", 0):
+                man["parent_sha256"] = parent["sha256"]
+                p = store.block_dir(shard, prefix) / "manifest.json"
+                tmp = p.with_suffix(".tmp")
+                tmp.write_text(json.dumps(man, indent=2, sort_keys=True))
+                os.replace(tmp, p)
+                fixed += 1
+            else:
+                left += 1
+        out.append(f"blocks: parent digest recorded for {fixed}, {left} left invalid (parent newer or missing)")
+    return out

@@ -545,10 +545,38 @@ def write_adapter(run: Run, name: str, model, layers: list[int], manifest: dict)
     return final
 
 
-def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: int | None = None,
-            alpha: float = 0.3, variant: str = "mean", epochs: float = 1.0, lr: float | None = None,
-            batch_size: int | None = None, beta: float = 0.1, topk_frac: float = 0.1, seed: int = 0,
-            out_name: str | None = None, precision: str | None = None) -> Path:
+def commit_derived(run: Run, shard: int, source_blocks: list[dict], write):
+    """Write an artifact derived from a served adapter (``write()``) only if its source blocks are still
+    current; the check and the write hold the run's writer lock, so no deletion lands in between."""
+    from . import exactness
+    from .locking import writer_lock
+
+    with writer_lock(run.dir):
+        snap = run.snapshot()
+        valid = exactness.valid_blocks(snap.blocks, snap.hashes)
+        if not exactness.chain_current(shard, source_blocks, snap.blocks, valid):
+            raise StaleSourceError(f"shard {shard}: the adapter it was derived from was superseded while it ran "
+                                   "(a deletion landed); nothing written")
+        return write()
+
+
+class StaleSourceError(RuntimeError):
+    pass
+
+
+def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, **kwargs) -> Path:
+    """See :func:`_unlearn`. Holds the run lock as a writer: refuses while ``s3t serve`` serves the run."""
+    from .locking import hold
+
+    with hold(Run.open(run_dir).dir, "train"):
+        return _unlearn(run_dir, sample_ids, method, **kwargs)
+
+
+def _unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: int | None = None,
+             alpha: float = 0.3, variant: str = "mean", epochs: float = 1.0, lr: float | None = None,
+             batch_size: int | None = None, beta: float = 0.1, topk_frac: float = 0.1, seed: int = 0,
+             out_name: str | None = None, precision: str | None = None,
+             forget_records: dict[str, dict] | None = None) -> Path:
     """Approximately unlearn ``sample_ids`` from the adapter a shard serves; save the result as a PEFT adapter.
 
     **This gives NO guarantee** that the samples' influence is gone (see the module docstring); use
@@ -562,7 +590,9 @@ def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: i
     ids must be in it and in the served adapter's training data. Retain set = the live samples of the adapter's
     slices minus the forget ids. ``lr``/``batch_size`` default to the run's ``train.*``; ``epochs`` counts passes
     over the retain set (DEL) or over the forget set (the gradient baselines).
-    Raises ``UnknownSampleError`` for ids the ledger does not know.
+    Raises ``UnknownSampleError`` for ids the ledger does not know. A forget id that is already deleted has no
+    text in the run any more (erasure): pass its record in ``forget_records`` (e.g. from the user's own file);
+    it is checked against the ledger's tombstone (keyed HMAC) and used in memory only.
     """
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -596,6 +626,15 @@ def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: i
                 if sid in forget_set:
                     forget_by_id[sid] = rec
             retain.extend(rec for sid, rec in led.slice_samples(DATASET, shard, sl) if sid not in forget_set)
+        for sid in [s for s in ids if forget_by_id.get(s) is None]:
+            rec = (forget_records or {}).get(sid)
+            if rec is None:
+                raise ValueError(f"sample {sid!r} is deleted and its text was erased from the run; pass its record "
+                                 "(forget_records / --forget-file) to unlearn it approximately")
+            if not led.tombstone_matches(DATASET, sid, rec):
+                raise ValueError(f"the record given for {sid!r} is not the deleted sample (its keyed HMAC differs "
+                                 "from the ledger's tombstone)")
+            forget_by_id[sid] = rec
     model, tok = load_adapter_model(run, src["tensors"], src["layers"], precision)
     forget_ex = [to_example(forget_by_id[s], tpl, tok) for s in ids]
     retain_ex = [to_example(r, tpl, tok) for r in retain]
@@ -631,7 +670,8 @@ def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: i
         "layers": src["layers"], "base_model": run.model_path, "base_fingerprint": run.info["base_fingerprint"],
         **report, "seconds": time.perf_counter() - t_start, "created_at": time.time(),
     }
-    path = write_adapter(run, out_name, model, src["layers"], manifest)
+    path = commit_derived(run, shard, src["blocks"],
+                          lambda: write_adapter(run, out_name, model, src["layers"], manifest))
     logger.info("%s: unlearned %d samples of shard %d with %s in %.1fs -> %s", cfg.name, len(ids), shard, method,
                 manifest["seconds"], path)
     return path
