@@ -169,16 +169,21 @@ def pick_requests(run: Run, n: int, *, prior: str = "uniform", skew: float = 0.5
 
 # ----- 2. scoring backends --------------------------------------------------------------------------------
 class ScoreCache:
-    """Log-likelihoods by (model content key, token ids), kept in a JSON file between invocations."""
+    """Log-likelihoods by (model content key, token ids), kept in a JSON file between invocations.
 
-    def __init__(self, path: Path):
+    Entries are keyed by an HMAC under the run ledger's key (``key_hex``), not a plain hash: the file scores
+    deleted samples too (the audit), and a plain hash of their token ids would confirm a guessed text."""
+
+    def __init__(self, path: Path, key_hex: str | None = None):
         self.path = path
+        self._key = bytes.fromhex(key_hex) if key_hex else b"s3t-score-cache"
         self.data: dict[str, list] = json.loads(path.read_text()) if path.exists() else {}
         self.hits = self.misses = 0
 
-    @staticmethod
-    def key(model_key: str, ctx, cont) -> str:
-        return hashlib.sha1(f"{model_key}|{list(ctx)}|{list(cont)}".encode()).hexdigest()
+    def key(self, model_key: str, ctx, cont) -> str:
+        import hmac
+
+        return hmac.new(self._key, f"{model_key}|{list(ctx)}|{list(cont)}".encode(), hashlib.sha256).hexdigest()[:40]
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -558,7 +563,8 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     requests_ = pick_requests(top, n_requests, prior=prior, skew=skew, seed=seed)
     (exp_dir / "requests.json").write_text(json.dumps({"prior": prior, "skew": skew if prior == "skewed" else None,
                                                        "seed": seed, "ids": requests_}, indent=1))
-    cache = ScoreCache(exp_dir / "score_cache.json")
+    with top.ledger() as led:
+        cache = ScoreCache(exp_dir / "score_cache.json", led.key_hex(DATASET))
     gen_prompts = _generation_prompts(held[-generations:] if generations else [], cfg.data.template)
 
     rows: list[dict] = []

@@ -181,12 +181,14 @@ def verify_run(run_dir: str | Path, *, certificate: str | None = None, replay: b
     if source:
         from .records import identify, load_records
 
-        found = []
+        found = {}
         for rec in load_records(source):
             _, _, text = identify(rec)
             for d in datasets:
-                if content_hmac(keys[d], text) in tomb:
-                    found.append((tomb[content_hmac(keys[d], text)][1], rec))
+                hit = tomb.get(content_hmac(keys[d], text))
+                if hit and hit[0] == d:
+                    found[hit[1]] = rec
+        found = sorted(found.items())
         tok = None
         try:
             from transformers import AutoTokenizer
