@@ -309,4 +309,8 @@ def migrate_run(run_dir: str | Path) -> list[str]:
             else:
                 left += 1
         out.append(f"blocks: parent digest recorded for {fixed}, {left} left invalid (parent newer or missing)")
+        from .deletion import destroy, stale_artifacts
+
+        gone = destroy(run, stale_artifacts(run))
+        out.append(f"stale artifacts destroyed: {len(gone)} (the exactness rule applied to the migrated run)")
     return out

@@ -538,3 +538,62 @@ def test_verify_finds_planted_problems(served):
     probs = verify_run(run.dir)["problems"]
     assert any("sample ids differ" in p for p in probs)
     assert any("notes.json" in p and "deleted sample" in p for p in probs)
+
+
+def test_a_schema_1_run_is_refused_then_migrated_in_place_and_erased(tmp_path):
+    """A run written by the previous s3t (schema 1: deleted records kept verbatim, held-out records in
+    heldout.jsonl, block manifests without the parent's digest) is refused with the command that migrates it;
+    `s3t migrate` upgrades it in place, erases the deleted records and keeps the run serving the same."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    recs, held = records(24), records(3, "h")
+    run = make_fake_run(tmp_path, recs)
+    FakeTrainer(run).train_missing()
+    routing_before = {s: (e or {}).get("name") for s, e in run.desired_routing().items()}
+    victim_id = victim(run, 1, 0)
+    # turn it into a schema-1 run, as the previous release wrote it
+    con = sqlite3.connect(str(run.ledger_path), isolation_level=None)
+    for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='trigger'").fetchall():
+        con.execute(f"DROP TRIGGER {t}")
+    con.execute("ALTER TABLE samples DROP COLUMN content_hmac")
+    con.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    con.execute("INSERT INTO deletion_requests(request_id, dataset, sample_ids_json, received_at, applied_at, status) "
+                "VALUES ('old-1', 'train', ?, '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:01+00:00', 'applied')",
+                (json.dumps([victim_id]),))
+    con.execute("INSERT INTO deletion_events(request_id, event, at) VALUES ('old-1', 'received', 'x'), "
+                "('old-1', 'applied', 'y')")
+    con.execute("UPDATE samples SET deleted_request='old-1' WHERE sample_id=?", (victim_id,))
+    from s3t_llm.ledger import slice_content_hash
+
+    live = [r[0] for r in con.execute("SELECT content_hash FROM samples WHERE shard=1 AND slice=0 AND "
+                                      "deleted_request IS NULL AND dataset='train'")]
+    con.execute("UPDATE slices SET n_live=?, content_hash=? WHERE dataset='train' AND shard=1 AND slice=0",
+                (len(live), slice_content_hash(live)))
+    con.close()
+    (run.dir / "certificates").mkdir()
+    (run.dir / "certificates" / "old-1.json").write_text(json.dumps(
+        {"request_id": "old-1", "sample_ids": [victim_id], "newly_deleted": [victim_id], "served": []}))
+    (run.dir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    for s, p in run.store.blocks():
+        f = run.store.block_dir(s, p) / "manifest.json"
+        man = json.loads(f.read_text())
+        man.pop("parent_sha256", None)
+        f.write_text(json.dumps(man))
+    deleted_rec = next(r for r in recs if r["id"] == victim_id)
+    assert bytes_hold_deleted(run.dir, [deleted_rec])  # the old release kept it
+    with pytest.raises(LedgerError, match="s3t migrate"):
+        run.slice_hashes()
+    p = subprocess.run([sys.executable, "-m", "s3t_llm.cli", "migrate", str(run.dir)], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "1 deleted record(s) erased" in p.stdout and "3 record(s) moved" in p.stdout
+    assert bytes_hold_deleted(run.dir, [deleted_rec]) == []
+    assert not (run.dir / "heldout.jsonl").exists() and len(run.heldout()) == 3
+    with run.ledger() as led:
+        assert led.verify() == [] and led.tombstone_matches(DATASET, victim_id, deleted_rec)
+    # lineage recorded: every block that was valid stays valid (the deleted sample's blocks are stale now)
+    assert {s: (e or {}).get("name") for s, e in run.desired_routing().items()}.keys() == routing_before.keys()
+    assert "stale artifacts destroyed" in p.stdout
+    assert verify_run(run.dir)["problems"] == []
