@@ -93,11 +93,18 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
                   f"(HTTP round trip {wall:.2f} s); certificate {body['certificate']}")
             if evaluate:
                 evals.append(_evaluate(run, url, None, step, eval_limit, base_ref))
-        st = requests.get(f"{url}/s3t/state", timeout=60).json()
+        st = requests.get(f"{url}/s3t/state", headers={"Authorization": f"Bearer {token}"}, timeout=60).json()
         print("  served now: " + ", ".join(f"shard {s['shard']} depth {s['depth']}" for s in st["shards"]))
-        print(f"  engine adapter ids: {st['engine_adapter_ids']}  loaded: {st['adapters_loaded']}")
+        print(f"  engine adapter ids: {st.get('engine_adapter_ids')}  loaded: {st.get('adapters_loaded')}")
+        _banner("5. `s3t verify`: an independent audit of the run and of what the server serves")
+        from .verify import verify_run
+
+        audit = verify_run(run.dir, source=run.info.get("source"), echo=lambda m: print("  " + m))
+        (run.dir / "verify_report.json").write_text(json.dumps(audit, indent=2))
+        print(f"  verify: {'PASS' if not audit['problems'] else 'FAIL'}: {audit['checks']} checks, "
+              f"{len(audit['problems'])} problem(s)" + "".join(f"\n    problem: {p}" for p in audit["problems"]))
         if evals:
-            _banner("5. evaluation after each deletion")
+            _banner("6. evaluation after each deletion")
             report = write_report(run, evals)
             print(f"report: {(report / 'report.md').resolve()}\nplot: {(report / 'quality_vs_deletions.png').resolve()}")
     finally:

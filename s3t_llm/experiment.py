@@ -231,6 +231,7 @@ class ServedBackend:
         import requests
 
         self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.token}"  # full /s3t/state detail
         self._tok = None
         self.max_len = max(512, run.config.data.max_length * 2) - 2
         self.base_name = self.http.get(f"{self.url}/s3t/state", timeout=60).json()["base_model"]
