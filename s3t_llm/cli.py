@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"run {run.config.name} is not serving; start it with `s3t serve {args.run}`")
     info = json.loads(sf.read_text())
     res = evaluate_served(run, info["url"], tasks=args.tasks.split(","), limit=args.limit or None, heldout=args.heldout,
-                          base_url=info["vllm_url"] if args.base else None, progress=True)
+                          base_url=info["url"] if args.base else None, progress=True)
     print(json.dumps({k: v for k, v in res.items()}, indent=2, default=str))
     return 0
 

@@ -63,7 +63,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
         print(f"  shard {s}: {e['name']} (blocks 1..{e['depth']})" if e else f"  shard {s}: no surviving prefix")
 
     _banner("3. serving on vLLM multi-LoRA behind the S3T gateway")
-    proc, url, token, vllm_url = spawn_server(run.dir, port or free_port())
+    proc, url, token, _ = spawn_server(run.dir, port or free_port())
     try:
         prompt = "Below is an instruction that describes a task. Write a response that appropriately completes " \
                  "the request.\n\n### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n"
@@ -75,7 +75,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
                 "evaluating the served model after each (zero-shot ARC-Easy + PIQA subsets, held-out loss)")
         deletions = pick_deletions(run, n_deletions)
         (run.dir / "demo_deletions.json").write_text(json.dumps(deletions, indent=1))
-        evals = [_evaluate(run, url, vllm_url, 0, eval_limit)] if evaluate else []
+        evals = [_evaluate(run, url, url, 0, eval_limit)] if evaluate else []
         base_ref = evals[0] if evals else None
         for step, ids in enumerate(deletions, start=1):
             t1 = time.perf_counter()

