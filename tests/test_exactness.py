@@ -189,7 +189,8 @@ def check_invariants(h: Harness, by_id: dict[str, dict], where: str, reconciled:
         if name:
             man = snap.adapters[name]
             assert exactness.chain_current(s, man["blocks"], snap.blocks, valid), f"{where}: {name} is stale"
-    assert set(served["engine_adapters"]) == {n for n in want.values() if n} and not served["engine_unknown_ids"]
+    routed = {n for n in served["routing"].values() if n}
+    assert set(served["engine_adapters"]) == routed and not served["engine_unknown_ids"], where
     # no deleted content in any byte of the run directory
     assert bytes_hold_deleted(run.dir, [by_id[s] for s in deleted]) == [], where
     # the auditor's check passes
@@ -655,3 +656,53 @@ def test_delete_through_a_server_that_dies_says_the_request_is_journaled(served)
     with run.ledger() as led:
         assert led.request("dies-1").status == "applied"
     assert certificate_path(run, "dies-1").exists()
+
+
+def test_background_retraining_finishes_picks_up_new_dead_shards_and_restarts_stale_stages(tmp_path, monkeypatch):
+    """Issue-11 behaviour on the real Gateway loop with a stand-in trainer: a shard that dies while another
+    retrains is retrained too; a deletion landing in the shard being retrained makes the stage stale, and the
+    loop trains it again on the new data instead of stopping."""
+    import threading
+
+    import s3t_llm.training as training
+
+    run = make_fake_run(tmp_path, records(36))
+    trainer = FakeTrainer(run)
+    trainer.train_missing()
+    gw = Gateway(run, FakeVLLM(), retrain=True)
+    gw.refresh("trained")
+    gate, entered, calls = threading.Event(), threading.Event(), []
+
+    def fake_train_run(r, shards=None, progress=False, **kw):
+        calls.append(list(shards))
+        n = 0
+        from s3t_llm.training import stage_plan
+
+        for shard, prefix in stage_plan(r, shards):
+            valid = exactness.valid_blocks(r.block_manifests(), r.slice_hashes())
+            if (shard, prefix) in valid or (len(prefix) > 1 and (shard, prefix[:-1]) not in valid):
+                continue
+            job = trainer.begin(shard, prefix)
+            if len(calls) == 1 and n == 0:
+                entered.set()
+                gate.wait(30)  # the test lands deletions here, mid-stage
+            trainer.finish(job)  # raises StaleStageError when a deletion landed meanwhile
+            n += 1
+        return {"stages_trained": n}
+
+    monkeypatch.setattr(training, "train_run", fake_train_run)
+    seq = run.sequences
+    # kill shard 0: every sequence's first slice loses a sample
+    gw.delete([victim(run, 0, s[0]) for s in seq])
+    assert entered.wait(30)
+    # while shard 0 retrains: kill shard 1 too, and land a deletion in shard 0 (its stage goes stale)
+    gw.delete([victim(run, 1, s[0]) for s in seq])
+    gw.delete([victim(run, 0, seq[0][0], 1)])
+    gate.set()
+    gw.retrain_thread.join(60)
+    assert not gw.retrain_thread.is_alive()
+    st = gw.retrain_status
+    assert st["state"] == "idle" and st["restarts"] >= 1 and st["dead_shards"] == []
+    assert any(1 in c for c in calls)
+    assert all(e is not None for e in gw.routing.values())
+    assert verify_run(run.dir)["problems"] == []
