@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import shlex
 import shutil
@@ -85,6 +86,11 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads for training (1 is much faster on a shared, oversubscribed machine)")
     ap.add_argument("--out", default=str(C.RESULTS / "deletion_latency.md"))
+    ap.add_argument("--guarantees", action="store_true",
+                    help="only the serving-guarantees comparison (cut vs drain, idle and under load); see guarantees_bench")
+    ap.add_argument("--load-tokens", type=int, default=64, help="--guarantees: tokens per load request")
+    ap.add_argument("--g-deletions", type=int, default=8, help="--guarantees: deletions per cell")
+    ap.add_argument("--g-rounds", type=int, default=1, help="--guarantees: rounds of the four cells")
     ap.add_argument("--render", default=None, metavar="JSON",
                     help="only re-render the Markdown from a results JSON written by an earlier invocation")
     return ap
@@ -236,7 +242,8 @@ def load_round(base_url: str, model, prompts: list[str], n_req: int, clients: in
 
 
 def throughput(args, url: str, info: dict, run, prompts: list[str]) -> dict:
-    base_url, base_model, gw_model = info["vllm_url"], run.model_path, run.config.name
+    # vLLM listens on a private Unix socket (issue 11): the base model is reached through the gateway.
+    base_url, base_model, gw_model = url, run.model_path, run.config.name
     kw = dict(n_req=args.tp_requests, clients=args.tp_clients, max_tokens=args.tp_tokens)
     log("throughput: warm-up (untimed)")
     load_round(base_url, base_model, prompts, n_req=2 * args.tp_clients, clients=args.tp_clients, max_tokens=8)
@@ -334,7 +341,7 @@ def deletion_stream(args, url: str, info: dict, run, prompts: list[str]) -> dict
                 f"{b['deletion_to_effect_seconds']:.3f} s, {ch or 'no served adapter changed'}")
             time.sleep(args.gap)
         time.sleep(1.0)
-        state = c.get("/s3t/state").json()
+        state = c.get("/s3t/state", headers=headers).json()
     codes: dict = {}
     for _, code, _ in load.results:
         codes[str(code)] = codes.get(str(code), 0) + 1
@@ -558,6 +565,230 @@ def report(args, run, meta, tp, dels, sisa, full) -> str:
     return "\n".join(out)
 
 
+# ----- serving guarantees (issue 11): cut vs drain, side by side ------------------------------------------
+def _drain_first(gw, server):
+    """Emulate the gateway before issue 11 on a live Gateway: no cut (wait for requests in flight on a retired
+    adapter to finish, up to drain_timeout, then remove it), no digest or integrity checks, no vLLM quiesce."""
+    def no_cut(names, reason):
+        return []
+
+    def drain(victims, names):
+        t0 = time.perf_counter()
+        deadline = time.time() + gw.drain_timeout
+        with gw._cond:
+            while any(gw.inflight.get(n, 0) > 0 for n in names) and time.time() < deadline:
+                gw._cond.wait(timeout=max(0.0, deadline - time.time()))
+        return {"requests": 0, "drained_seconds": round(time.perf_counter() - t0, 4)}
+
+    gw._cut_locked = no_cut
+    gw._await_cut = drain
+    gw.check_integrity = lambda *a, **k: {"skipped": True}
+    server.digests = lambda ids=None: {i: None for i in server.engine_loras()}
+    server.expected_digest = lambda path: None
+
+
+def _restore(server):
+    for k in ("digests", "expected_digest"):
+        server.__dict__.pop(k, None)
+
+
+def _load_worker(url, model, prompts, clients, tokens, stop, out):
+    """Load clients in their own process (the gateway's process keeps its GIL, as with real clients)."""
+    import httpx
+
+    codes: dict = {}
+    lock = threading.Lock()
+
+    def client(i):
+        with httpx.Client(base_url=url, timeout=600) as c:
+            j = 0
+            while not stop.is_set():
+                r = c.post("/v1/completions", json={"model": model, "prompt": prompts[(i + j) % len(prompts)],
+                                                    "max_tokens": tokens, "temperature": 0, "ignore_eos": True})
+                k = str(r.status_code) if r.status_code == 200 else \
+                    f"{r.status_code} {(r.json().get('error') or {}).get('code')}"
+                with lock:
+                    codes[k] = codes.get(k, 0) + 1
+                j += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put(codes)
+
+
+def guarantees_bench(args) -> int:
+    """Deletion-to-effect through ``POST /s3t/delete`` on one vLLM server: idle and under load (``--load-clients``
+    clients x ``--load-tokens`` tokens), with the gateway before issue 11 (drain, emulated) and after (cut),
+    each cell on a fresh copy of the same run, cells interleaved."""
+    import httpx
+    import uvicorn
+
+    from s3t_llm.run import DATASET, Run
+    from s3t_llm.serving import Gateway, VLLMServer, free_port
+    from s3t_llm.prompts import render_prompt
+
+    t_start = time.perf_counter()
+    command = ".venv/bin/python benchmarks/deletion_latency.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.model == "tiny":
+        from s3t_llm.models import build_tiny_llama
+        from s3t_llm.paths import alpaca_path
+        from s3t_llm.records import load_records
+
+        tiny = runs / "tiny-llama-model"
+        if not (tiny / "config.json").exists():
+            recs = load_records(alpaca_path())[:400]
+            build_tiny_llama(tiny, corpus=[r["instruction"] + " " + r["input"] + " " + r["output"] for r in recs],
+                             num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
+        args.model = str(tiny)
+    pristine = build_run(args)
+    prompts = [render_prompt(r, "alpaca") for r in pristine.heldout()] or ["Give three tips for staying healthy."]
+    server = VLLMServer(pristine.model_path, max_loras=2 * pristine.shards + 2, max_lora_rank=pristine.config.lora.r,
+                        max_model_len=max(512, pristine.config.data.max_length * 2), log_file=runs / "guarantees-vllm.log")
+    t0 = time.perf_counter()
+    server.start()
+    ready = time.perf_counter() - t0
+    log(f"vLLM ready on {server.uds} after {ready:.0f} s")
+    cells = []
+    for rnd in range(args.g_rounds):
+        for load in ("idle", "load"):
+            for variant in ("before", "after"):
+                cells.append((rnd, load, variant))
+    results = []
+    try:
+        for rnd, load, variant in cells:
+            work = copy_run(pristine.dir, runs / f"{pristine.dir.name}.g-{load}-{variant}")
+            for n in list(server.ids):
+                server.remove(n)
+            gw = Gateway(work, server, token="bench-token")
+            gw.check_interval = 3600
+            if variant == "before":
+                _drain_first(gw, server)
+            gw.refresh("start-up")
+            port = free_port()
+            us = uvicorn.Server(uvicorn.Config(gw.app(), host="127.0.0.1", port=port, log_level="warning"))
+            th = threading.Thread(target=us.run, daemon=True)
+            th.start()
+            while not us.started:
+                time.sleep(0.05)
+            url = f"http://127.0.0.1:{port}"
+            ctx = multiprocessing.get_context("spawn")
+            stop, q, codes = ctx.Event(), ctx.Queue(), {}
+            proc = None
+            if load == "load":
+                proc = ctx.Process(target=_load_worker, args=(url, work.config.name, prompts, args.load_clients,
+                                                              args.load_tokens, stop, q), daemon=True)
+                proc.start()
+                time.sleep(4.0)  # the clients' process starts, then the load is steady
+            else:
+                time.sleep(0.2)
+            rows = []
+            with httpx.Client(base_url=url, timeout=600) as c:
+                for k in range(args.g_deletions):
+                    live = [s for s, e in sorted(gw.routing.items()) if e and e["depth"] > 1]
+                    if not live:
+                        break
+                    s = live[k % len(live)]
+                    e = gw.routing[s]
+                    with work.ledger() as led:
+                        victim = led.slice_samples(DATASET, s, e["prefix"][-1])[0][0]
+                    t_rpc = time.perf_counter()
+                    server.engine_loras()  # one engine round trip now (it waits for the engine's current step)
+                    rpc = time.perf_counter() - t_rpc
+                    t1 = time.perf_counter()
+                    r = c.post("/s3t/delete", json={"ids": [victim]}, headers={"Authorization": "Bearer bench-token"})
+                    wall = time.perf_counter() - t1
+                    b = r.json()
+                    sw = b.get("switch_report") or {}
+                    rows.append({"effect": b["deletion_to_effect_seconds"], "http": wall,
+                                 "changed": bool(b["served_changes"]), "cut": sw.get("cut_requests", 0),
+                                 "switch": sw.get("total_seconds"), "rpc": rpc})
+                    log(f"{load}/{variant} deletion {k + 1}: effect {b['deletion_to_effect_seconds']:.3f} s, http "
+                        f"{wall:.3f} s, cut {sw.get('cut_requests', 0)}, changes {len(b['served_changes'])}")
+                    time.sleep(args.gap)
+            stop.set()
+            if proc is not None:
+                codes = q.get(timeout=600)
+                proc.join(60)
+            gw.wait_checks()
+            us.should_exit = True
+            th.join(30)
+            _restore(server)
+            results.append({"round": rnd + 1, "load": load, "variant": variant, "rows": rows, "codes": codes})
+    finally:
+        server.stop()
+    md = guarantees_report(args, pristine, results, command, ready, time.perf_counter() - t_start)
+    print("\n" + md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    log(f"wrote {out}")
+    return 0
+
+
+def guarantees_report(args, run, results, command, ready, total) -> str:
+    c = run.config
+    out = ["# Deletion-to-effect with the serving guarantees (issue 11): cut vs drain, idle and under load", ""]
+    out.append(f"Command: `{command}`  ")
+    out.append(f"Machine: {C.machine()} (2 cores shared with another engineer's jobs: timings are noisy)  ")
+    out.append(f"Date: {datetime.now().strftime('%Y-%m-%d %H:%M')}; total wall {total / 60:.1f} min; vLLM ready "
+               f"after {ready:.0f} s")
+    out.append("")
+    out.append(f"Run `{c.name}`: base `{Path(c.model.name).name}` ({run.info['num_layers']} layers), m={run.shards}, "
+               f"L={c.s3t.slices}, B={len(run.sequences)}; every deletion hits the last block of a served prefix, "
+               f"so every deletion switches an adapter. One vLLM server (Unix socket) for all cells; each cell serves a "
+               f"fresh copy of the same run through a new in-process gateway; cells interleaved "
+               f"(idle before, idle after, load before, load after). Load: {args.load_clients} clients sending "
+               f"{args.load_tokens}-token completions (`ignore_eos`) through the gateway without pause.")
+    out.append("")
+    out.append("- **before** = the gateway of commit 0f03b7a emulated on the current one: on a switch it waits "
+               "(up to drain_timeout = 30 s) for requests in flight on the retired adapter to finish, then removes "
+               "it; no digest checks, no vLLM quiesce.")
+    out.append("- **after** = this gateway: requests in flight on the retired adapter are cut (503 / SSE error "
+               "`deletion_in_progress`), vLLM confirms their abort, the adapter is removed, digests are checked.")
+    out.append("")
+    rows = []
+    agg: dict = {}
+    for r in results:
+        a = agg.setdefault((r["load"], r["variant"]), {"eff": [], "http": [], "cut": 0, "codes": {}, "sw": [],
+                                                       "rpc": []})
+        a["eff"] += [x["effect"] for x in r["rows"]]
+        a["sw"] += [x["switch"] for x in r["rows"] if x["switch"] is not None]
+        a["rpc"] += [x.get("rpc") for x in r["rows"] if x.get("rpc") is not None]
+        a["http"] += [x["http"] for x in r["rows"]]
+        a["cut"] += sum(x["cut"] for x in r["rows"])
+        for k, v in r["codes"].items():
+            a["codes"][k] = a["codes"].get(k, 0) + v
+    for (load, variant), a in agg.items():
+        e, h = a["eff"], a["http"]
+        rows.append([load, variant, len(e), fmt(pct(e, 50), 3), fmt(pct(e, 99), 3), fmt(max(e) if e else float("nan"), 3),
+                     fmt(pct(a["sw"], 50), 3), fmt(pct(a["sw"], 99), 3), fmt(pct(a["rpc"], 50), 3),
+                     fmt(pct(h, 99), 3), a["cut"], ", ".join(f"{k}: {v}" for k, v in sorted(a["codes"].items())) or "-"])
+    out.append(C.md_table(["load", "gateway", "deletions", "effect p50 (s)", "effect p99 (s)", "effect max (s)",
+                           "switch p50 (s)", "switch p99 (s)", "engine RPC p50 (s)", "HTTP p99 (s)", "requests cut",
+                           "load responses"], rows))
+    out.append("")
+
+    def p99(load, variant):
+        return pct(agg.get((load, variant), {"eff": []})["eff"], 99)
+
+    out.append(f"- idle: p99 after / before = {fmt(p99('idle', 'after') / p99('idle', 'before'), 2)} (target <= 1.1)")
+    out.append(f"- under load: p99 after = {fmt(p99('load', 'after'), 3)} s (target < 1 s, aim 0.5 s); "
+               f"before = {fmt(p99('load', 'before'), 3)} s")
+    out.append("")
+    out.append("effect = the certificate's `deletion_to_effect_seconds` (request journaled -> new routing live, the "
+               "superseded adapter removed from the engine, no request on it left in vLLM); switch = "
+               "`apply_routing` (the gateway's part of it: load, cut, quiesce, remove); engine RPC = one "
+               "`/collective_rpc` round trip measured just before each deletion (it waits for the engine's current "
+               "step); HTTP = request sent -> response.")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.name is None:
@@ -570,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     from s3t_llm.prompts import render_prompt
     from s3t_llm.serving import free_port, stop_server
 
+    if args.guarantees:
+        return guarantees_bench(args)
     if args.render:
         raw = json.loads(Path(args.render).read_text())
         meta = raw["meta"]

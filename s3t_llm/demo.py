@@ -113,13 +113,13 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     return 0
 
 
-def _evaluate(run, url: str, vllm_url: str | None, step: int, limit: int, base: dict | None = None) -> dict:
+def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: dict | None = None) -> dict:
     """Zero-shot ensemble scores and held-out loss of the served run, with the base model as reference
     (scored once, at step 0, and carried over: it does not change)."""
     from .evaluation import evaluate_served
 
     t0 = time.perf_counter()
-    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=16, base_url=vllm_url)
+    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=16, base_url=base_url)
     if base:
         for t, v in base["tasks"].items():
             res["tasks"].setdefault(t, {}).update({k: v[k] for k in ("base_acc", "base_acc_norm") if k in v})

@@ -1,7 +1,7 @@
 """Serving: a real vLLM OpenAI-compatible server with multi-LoRA, behind the S3T gateway.
 
-``VLLMServer`` runs ``python -m vllm.entrypoints.openai.api_server`` on the run's base model (loopback
-only) with runtime LoRA updating, vLLM's dev endpoints (``/collective_rpc``, ``/reset_prefix_cache``) and
+``VLLMServer`` runs ``python -m vllm.entrypoints.openai.api_server`` on the run's base model, listening on a
+Unix socket in a private (0700) directory so that only the serving user reaches it, with runtime LoRA updating, vLLM's dev endpoints (``/collective_rpc``, ``/reset_prefix_cache``) and
 our worker extension (``s3t_llm.vllm_ext``) so that adapters can be removed from the ENGINE, not only
 from the API front end, and the engine's own adapter list can be read back as proof.
 
@@ -13,14 +13,25 @@ from the API front end, and the engine's own adapter list can be read back as pr
   shard named in the ``X-S3T-Shard`` header. A served adapter's own name is addressable directly; a name
   that is not served (any more) answers 404. Every response names its adapter (``model`` field and the
   ``X-S3T-Adapter`` header).
-- ``GET /s3t/state``: shards, surviving prefixes, adapters served (with engine ids, and the engine's own
-  list), deletions applied. ``GET /health``, ``GET /v1/models``.
+- ``GET /s3t/state``: without the token only what names no sample, request id or path (per shard: adapter
+  name, depth, health; counts); with ``Authorization: Bearer <token>`` everything (surviving prefixes, engine
+  ids, the engine's list and digests as last read by the integrity check, cut and integrity counters,
+  deletion request ids). ``GET /health`` (per-shard health from the last integrity check), ``GET /v1/models``.
+  Hostile input answers 4xx with a short message: bodies over ``max_body_bytes`` 413, invalid UTF-8 or JSON
+  or nesting deeper than 64 400, a malformed ``X-S3T-Shard`` 400; streaming requests that vLLM refuses get
+  vLLM's status before any stream starts.
 - ``POST /s3t/delete`` ``{"ids": [...], "request_id": optional}`` with ``Authorization: Bearer <token>``.
 
 Switching adapters (``apply_routing``): load the new adapter under a fresh name (vLLM gives it a fresh
-integer id), switch the routing table, wait until requests in flight on the superseded adapters finish
-(bounded by ``drain_timeout``), unload them in the front end, remove them from the engine by id, check
-the engine's list no longer holds them, reset the prefix cache.
+integer id; the digest of the tensors the engine holds must equal the digest of the adapter file), switch
+the routing table, CUT the requests in flight on the superseded adapters (their relay stops: a non-streaming
+request gets 503 ``{"error": {"code": "deletion_in_progress", ...}}``, a stream ends with an SSE event carrying
+the same error; nothing is re-run), close their upstream requests (vLLM aborts them) and wait until vLLM's
+front end (``s3t_llm.vllm_ext.S3TMiddleware``) tracks none of them, unload the superseded adapters in the front
+end, remove them from the engine by id, check the engine's list no longer holds them, reset the prefix
+cache (retried; reported truthfully), and check every served adapter's digest. The same integrity check runs
+every ``check_interval`` seconds: a mismatch takes the shard out of service, reloads its adapter and is
+logged and counted.
 """
 
 
@@ -104,30 +115,75 @@ def _die_with_parent() -> None:
 
 
 class VLLMServer:
-    """A vLLM OpenAI server subprocess on loopback."""
+    """A vLLM OpenAI server subprocess, reachable only by its owner.
+
+    By default vLLM listens on a Unix domain socket (``--uds``) inside a private directory (mode 0700, owned
+    by the serving user; ``socket_dir=`` to choose where): vLLM's admin surface (LoRA load/unload,
+    ``/collective_rpc``, ``/reset_prefix_cache``, the other dev endpoints) is unreachable by other local
+    users, so only this process (the gateway) can change what the engine serves. ``uds=False`` keeps the
+    old loopback TCP port (for tools that must talk to vLLM directly; anyone local can then reach it).
+
+    ``ids`` (adapter name -> engine id) changes only after the engine confirmed the operation; ``expected``
+    holds, per adapter name, the digest of its LoRA tensors computed from its safetensors file at load time
+    (the canonical form of :mod:`s3t_llm.vllm_ext`), which :meth:`digests` reads back from the engine.
+    """
 
     def __init__(self, model_path: str, *, max_loras: int, max_lora_rank: int, port: int | None = None,
-                 max_model_len: int = 1024, log_file: str | Path | None = None, extra_args: list[str] | None = None):
+                 max_model_len: int = 1024, log_file: str | Path | None = None, extra_args: list[str] | None = None,
+                 uds: bool | str | None = None, socket_dir: str | Path | None = None):
+        import tempfile
+
         self.model_path = model_path
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.max_loras = max_loras
         self.max_lora_rank = lora_rank_limit(max_lora_rank)
         self.max_model_len = max_model_len
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
-        self.client = httpx.Client(base_url=self.url, timeout=120)
+        self._socket_dir: Path | None = None
+        if uds is None:
+            uds = port is None  # an explicit port asks for TCP
+        if uds:
+            if isinstance(uds, str):
+                self.uds = uds
+            else:
+                if socket_dir:
+                    Path(socket_dir).mkdir(parents=True, exist_ok=True)
+                self._socket_dir = Path(tempfile.mkdtemp(prefix="s3t-vllm-", dir=socket_dir))
+                self.uds = str(self._socket_dir / "vllm.sock")
+            d = Path(self.uds).parent
+            os.chmod(d, 0o700)
+            st = d.stat()
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise ServingError(f"socket directory {d} must be private to uid {os.getuid()} (mode 0700)")
+            self.port = None
+            self.url = "http://localhost"  # host is only the Host header: the transport is the socket
+            self.client = httpx.Client(base_url=self.url, timeout=120, transport=httpx.HTTPTransport(uds=self.uds))
+        else:
+            self.uds = None
+            self.port = port or free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.client = httpx.Client(base_url=self.url, timeout=120)
         self.ids: dict[str, int] = {}  # adapter name -> engine integer id
-        self._lock = threading.Lock()
+        self.paths: dict[str, str] = {}  # adapter name -> path it was loaded from
+        self.expected: dict[str, str] = {}  # adapter name -> digest of its safetensors file (at load time)
+        self.lora_dtype: str | None = None
+        self._lock = threading.RLock()
+
+    def async_client(self, **kw) -> httpx.AsyncClient:
+        """An AsyncClient to vLLM over the same transport (socket or loopback port)."""
+        transport = httpx.AsyncHTTPTransport(uds=self.uds) if self.uds else None
+        return httpx.AsyncClient(base_url=self.url, transport=transport, **kw)
 
     def command(self) -> list[str]:
         import torch
 
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
                "--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank),
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", str(self.max_model_len),
-               "--worker-extension-cls", "s3t_llm.vllm_ext.S3TWorkerExtension", "--disable-uvicorn-access-log"]
+               "--max-model-len", str(self.max_model_len),
+               "--worker-extension-cls", "s3t_llm.vllm_ext.S3TWorkerExtension",
+               "--middleware", "s3t_llm.vllm_ext.S3TMiddleware", "--disable-uvicorn-access-log"]
+        cmd += ["--uds", self.uds] if self.uds else ["--host", "127.0.0.1", "--port", str(self.port)]
         if not torch.cuda.is_available():
             cmd += ["--dtype", "bfloat16", "--enforce-eager"]
         return cmd + self.extra_args
@@ -139,13 +195,24 @@ class VLLMServer:
         # Own process group: Ctrl-C in the parent is handled by us, and stop() takes the whole tree down.
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        try:
-            elapsed = wait_for_health(self.proc, self.url, timeout=timeout, what="vLLM", log=self.log_file,
-                                      progress=progress)
-        except ServingError:
-            self.stop()
-            raise
-        logger.info("vLLM ready at %s after %.1f s", self.url, elapsed)
+        where = f"; see {self.log_file}" if self.log_file else ""
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise ServingError(f"vLLM exited with code {self.proc.returncode} during start-up{where}")
+            try:
+                if self.client.get("/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() - t0 > timeout:
+                self.stop()
+                raise ServingError(f"vLLM not ready after {timeout:.0f} s{where}")
+            if progress:
+                progress(time.time() - t0)
+            time.sleep(0.5)
+        logger.info("vLLM ready at %s after %.1f s", self.uds or self.url, time.time() - t0)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -158,6 +225,10 @@ class VLLMServer:
                 except ProcessLookupError:
                     pass
         self.client.close()
+        if self._socket_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # ----- engine-level LoRA operations -----------------------------------------------------------
     def _rpc(self, method: str, *args: str):
@@ -171,45 +242,167 @@ class VLLMServer:
         results = self._rpc("s3t_list_loras")
         return {int(i) for worker in results for i in worker}
 
+    def digests(self, ids: list[int] | None = None) -> dict[int, str]:
+        """{engine id: digest of the LoRA tensors the engine holds for it} (one RPC; every worker must agree,
+        a disagreement reads as the digest "inconsistent")."""
+        results = self._rpc("s3t_lora_digests", *[str(i) for i in (ids or [])])
+        out: dict[int, str] = {}
+        for worker in results:
+            for k, v in worker.items():
+                i = int(k)
+                if v.get("dtype") and not self.lora_dtype:
+                    self.lora_dtype = v["dtype"]
+                out[i] = v["digest"] if out.get(i, v["digest"]) == v["digest"] else "inconsistent"
+        return out
+
+    def expected_digest(self, path: str | Path) -> str:
+        from .vllm_ext import adapter_file_digest
+
+        return adapter_file_digest(path, self.lora_dtype or "bfloat16")
+
     def front_end_models(self) -> set[str]:
         r = self.client.get("/v1/models")
         r.raise_for_status()
         return {m["id"] for m in r.json()["data"]}
 
     def load(self, name: str, path: str) -> int:
-        """Load an adapter under a NEW name; returns the engine id vLLM gave it."""
+        """Load an adapter under a NEW name; returns the engine id vLLM gave it. The digest of the tensors the
+        engine now holds must equal the digest of the adapter's file (read here, at load time)."""
         check_adapter_name(name)
         with self._lock:
             if name in self.ids:
                 raise ServingError(f"adapter {name} is already loaded; names are never reused")
-            before = self.engine_loras()
             r = self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
             if r.status_code != 200:
                 raise ServingError(f"vLLM could not load adapter {name}: {r.status_code} {r.text[:300]}")
-            new = self.engine_loras() - before
+            # One RPC: the engine's ids with the digests of their tensors. The new id is the one we do not serve
+            # yet whose tensors are those of the file (an id we do not know otherwise is left to check_integrity).
+            engine = self.digests()
+            self.last_engine_ids = sorted(engine)
+            want = self.expected_digest(path)
+            new = [i for i in sorted(set(engine) - set(self.ids.values())) if engine[i] == want]
             if len(new) != 1:
-                raise ServingError(f"could not identify the engine id of adapter {name} (new ids: {sorted(new)})")
-            self.ids[name] = new.pop()
-            return self.ids[name]
+                unknown = sorted(set(engine) - set(self.ids.values()))
+                raise ServingError(f"could not identify the engine id of adapter {name} with the digest of {path} "
+                                   f"(engine ids not served: {unknown})")
+            lora_id = new[0]
+            self.ids[name], self.paths[name], self.expected[name] = lora_id, str(path), want
+            return lora_id
 
     def remove(self, name: str) -> dict:
-        """Unload from the front end AND remove from the engine; verify the engine no longer holds it."""
+        """Unload from the front end AND remove from the engine; the bookkeeping forgets the adapter only
+        after the engine's own list confirms it is gone."""
         with self._lock:
-            lora_id = self.ids.pop(name)
+            lora_id = self.ids[name]
             r = self.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-            if r.status_code != 200:
+            # 404: the front end no longer knows the name (e.g. an earlier attempt got that far).
+            if r.status_code not in (200, 404):
                 raise ServingError(f"vLLM could not unload {name}: {r.status_code} {r.text[:300]}")
             # vLLM 0.32's unload only forgets the name; the weights stay in the worker until removed here.
-            self._rpc("s3t_remove_lora", str(lora_id))
-            engine = self.engine_loras()
+            results = self._rpc("s3t_remove_lora", str(lora_id))
+            engine = {int(i) for worker in results for i in worker}
             if lora_id in engine:
                 raise ServingError(f"engine still holds adapter {name} (id {lora_id}) after removal")
+            del self.ids[name]
+            self.paths.pop(name, None)
+            self.expected.pop(name, None)
             return {"name": name, "engine_id": lora_id, "engine_ids_after": sorted(engine)}
 
-    def reset_prefix_cache(self) -> None:
+    def remove_engine_id(self, lora_id: int) -> list[int]:
+        """Remove an engine id the bookkeeping does not (or no longer) serve; returns the engine's list after."""
+        results = self._rpc("s3t_remove_lora", str(lora_id))
+        return sorted({int(i) for worker in results for i in worker})
+
+    def reset_prefix_cache(self) -> bool:
+        """One attempt; True when vLLM reports success (it refuses while requests hold KV blocks)."""
         r = self.client.post("/reset_prefix_cache")
         if r.status_code != 200:
             raise ServingError(f"vLLM reset_prefix_cache failed: {r.status_code} {r.text[:200]}")
+        try:
+            return bool(r.json().get("success", False))
+        except ValueError:
+            return False
+
+    def quiesce(self, flights: list[str], names: list[str], timeout: float = 10.0) -> dict:
+        """Mark ``flights`` as cut in vLLM's front end (a late arrival is refused) and wait until none of them
+        is inside vLLM and vLLM tracks no request on the adapters ``names``: every abort has then been sent to
+        the engine core, ahead of anything sent later. Returns {"ok", "seconds", "polls", ...}."""
+        t0 = time.perf_counter()
+        polls = 0
+        cut = list(flights)
+        while True:
+            r = self.client.post("/s3t/flights", json={"cut": cut})
+            polls += 1
+            cut = []
+            if r.status_code != 200:
+                return {"ok": False, "seconds": round(time.perf_counter() - t0, 4), "polls": polls,
+                        "error": f"/s3t/flights answered {r.status_code}"}
+            info = r.json()
+            active = set(info.get("active") or []) & set(flights)
+            lr = info.get("lora_requests")
+            busy = {n: lr.get(n, 0) for n in names if lr and lr.get(n, 0)}
+            if not active and not busy and lr is not None:
+                return {"ok": True, "seconds": round(time.perf_counter() - t0, 4), "polls": polls}
+            if lr is None and not active:  # this vLLM does not expose its request tracking: nothing to wait for
+                return {"ok": False, "seconds": round(time.perf_counter() - t0, 4), "polls": polls,
+                        "error": "vLLM's request tracking is unavailable"}
+            if time.perf_counter() - t0 > timeout:
+                return {"ok": False, "seconds": round(time.perf_counter() - t0, 4), "polls": polls,
+                        "active": sorted(active), "lora_requests": busy,
+                        "error": "vLLM's request tracking is unavailable" if lr is None else "timeout"}
+            time.sleep(0.01)
+
+
+class ServiceUnavailable(RuntimeError):
+    """A shard (or every live shard) is out of service: 503."""
+
+
+_END = object()  # end of an upstream stream
+_CUT = object()  # wakes a relay that was cut
+
+
+class _StreamFailed:
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _json_depth(obj, limit: int = 64) -> int:
+    """Nesting depth of a parsed JSON value, counted iteratively up to ``limit + 1``."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            depth = max(depth, d)
+            if depth > limit:
+                return depth
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return depth
+
+
+class _Flight:
+    """One request the gateway is relaying; a switch that retires its adapter cuts it (from any thread)."""
+
+    def __init__(self, loop):
+        self.id = secrets.token_hex(8)
+        self.loop = loop
+        self.target: str | None = None
+        self.cut_reason: str | None = None
+        self.committed = False  # a complete non-streaming answer that is being sent
+        self.task = None  # the upstream task (request, first event, or stream producer)
+        self.queue = None
+        self.stopped = threading.Event()  # set once this relay sends nothing more from its adapter
+
+    def wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: nothing can be sent any more
+            self.stopped.set()
+
+    def _wake(self) -> None:
+        if self.task is not None and not self.task.done() and not self.committed:
+            self.task.cancel()
+        if self.queue is not None:
+            self.queue.put_nowait(_CUT)
 
 
 class Gateway:
@@ -229,72 +422,321 @@ class Gateway:
         self.inflight: dict[str, int] = {}
         self.retired: dict[str, str] = {}  # adapter name -> reason
         self._cond = threading.Condition()
-        self._deletion_lock = threading.Lock()
         self.deletions: list[dict] = []
         self.retrain_thread: threading.Thread | None = None
+        self.retrain_status: dict = {"state": "idle", "dead_shards": []}
+        self._retrain_wakeup = threading.Event()
+
+        # ----- serving guarantees (issue 11) -----
+        self._flights: dict[str, "_Flight"] = {}  # flight id -> a request being relayed
+        self._switch_lock = threading.RLock()  # one switch or repair at a time
+        self.cut_requests = 0  # requests cut because their adapter was retired
+        self.relay_stop_timeouts = 0
+        self.cut_stop_timeout = 2.0  # seconds a cut relay may take to confirm it stopped
+        self.quiesce_timeout = 10.0  # seconds vLLM may take to abort cut requests
+        self.max_body_bytes = 1 << 20  # request bodies larger than this answer 413
+        self.check_interval = 30.0  # seconds between periodic integrity checks
+        self.shard_health: dict[int, dict] = {}  # shard -> {"healthy", "reason"} from the last check
+        self.integrity = {"checks": 0, "mismatches": 0, "repairs": 0, "regained_removed": 0, "last_check": None,
+                          "last_error": None, "events": []}
+        self.engine_view: dict = {"ids": [], "digests": {}, "at": None}  # the engine's list, as last read
+        self.prefix_cache: dict = {"pending": False, "last_success": None, "attempts": 0}
+        self._quarantined: set[int] = set()
+        self._monitor_stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._checker: threading.Thread | None = None
+        self._check_again = False
 
     # ----- Backend protocol (used by the deletion module) -----------------------------------------
     def apply_routing(self, routing: dict[int, dict | None], reason: str) -> dict:
+        """Serve ``routing``. Requests in flight on a superseded adapter are CUT: their relay stops (the
+        client gets a ``deletion_in_progress`` error), their upstream request is closed, which makes vLLM abort
+        it, and vLLM confirms it tracks none of them any more; only then is the adapter removed from the engine
+        (a running request could otherwise reload it from its path). Returns a truthful report."""
+        with self._switch_lock:
+            return self._apply_routing_locked(routing, reason)
+
+    def _apply_routing_locked(self, routing: dict[int, dict | None], reason: str) -> dict:
         t0 = time.perf_counter()
         old = dict(self.routing)
         new_names = {e["name"] for e in routing.values() if e}
         old_names = {e["name"] for e in old.values() if e}
-        if old == routing and all(n in self.server.ids for n in new_names):
+        if old == routing and set(self.server.ids) == new_names:
             # Nothing served changes: no engine round trips (they queue behind generation steps under load).
             return {"loaded": [], "removed": [], "engine_ids": sorted(self.server.ids.values()),
                     "switch_seconds": 0.0, "total_seconds": round(time.perf_counter() - t0, 4),
-                    "prefix_cache_reset": False}
+                    "prefix_cache_reset": False, "cut_requests": 0}
         loaded = []
         for e in routing.values():
             if e and e["name"] not in self.server.ids:
                 loaded.append({"name": e["name"], "engine_id": self.server.load(e["name"], e["path"])})
+        # Reconcile, not diff: every adapter the engine holds that the new routing does not serve goes (also one
+        # whose removal failed in an earlier switch).
+        gone = sorted((old_names | set(self.server.ids)) - new_names)
         with self._cond:
             self.routing = dict(routing)
-            for name in old_names - new_names:
+            for name in gone:
                 self.retired[name] = reason
+            victims = self._cut_locked(set(gone), f"adapter retired: {reason}")
         t_switched = time.perf_counter()
-        removed = []
-        for name in sorted(old_names - new_names):
-            self._drain(name)
-            removed.append(self.server.remove(name))
-        if removed:
-            self.server.reset_prefix_cache()
-        # remove() verified each id against the engine's own list; report the engine's list once.
-        engine = removed[-1]["engine_ids_after"] if removed else sorted(self.server.engine_loras())
-        return {"loaded": loaded, "removed": removed, "engine_ids": sorted(engine),
-                "switch_seconds": round(t_switched - t0, 4), "total_seconds": round(time.perf_counter() - t0, 4),
-                "prefix_cache_reset": bool(removed)}
+        report = {"loaded": loaded, "removed": [], "cut_requests": len(victims)}
+        if gone:
+            report["cut"] = self._await_cut(victims, gone)
+        for name in gone:
+            report["removed"].append(self.server.remove(name))
+        if gone:
+            report.update(self._reset_prefix_cache())
+        else:
+            report["prefix_cache_reset"] = False
+        # remove() verified each id against the engine's own list (load() read it with the digests): that list
+        # is the report's; the digests of every served adapter are checked right after, off the critical path.
+        if report["removed"]:
+            engine_ids = report["removed"][-1]["engine_ids_after"]
+        else:
+            engine_ids = getattr(self.server, "last_engine_ids", None) or sorted(self.server.engine_loras())
+        self.engine_view.update(ids=sorted(engine_ids), at=time.time())
+        report["engine_ids"] = sorted(engine_ids)
+        report["integrity"] = "checked in the background right after the switch (see /health)"
+        self._schedule_check()
+        report["switch_seconds"] = round(t_switched - t0, 4)
+        report["total_seconds"] = round(time.perf_counter() - t0, 4)
+        return report
 
-    def _drain(self, name: str) -> None:
-        deadline = time.time() + self.drain_timeout
+    def _cut_locked(self, names: set[str], reason: str) -> list:
+        """Mark every relayed request on ``names`` as cut and wake its relay (call with ``_cond`` held)."""
+        victims = [f for f in self._flights.values() if f.target in names and f.cut_reason is None]
+        for f in victims:
+            f.cut_reason = reason
+            f.wake()
+        # A committed flight (a complete answer being sent) is not cut, but the switch waits for its send.
+        self.cut_requests += sum(not f.committed for f in victims)
+        return victims
+
+    def _await_cut(self, victims: list, names: list[str]) -> dict:
+        t0 = time.perf_counter()
+        deadline = time.time() + self.cut_stop_timeout
+        late = [f.id for f in victims if not f.stopped.wait(timeout=max(0.0, deadline - time.time()))]
+        if late:
+            self.relay_stop_timeouts += len(late)
+            logger.warning("%d cut relays did not confirm within %.1f s", len(late), self.cut_stop_timeout)
+        t_relays = time.perf_counter()
+        quiesce = getattr(self.server, "quiesce", None)
+        q = quiesce([f.id for f in victims], names, timeout=self.quiesce_timeout) if quiesce else {"ok": True}
+        if not q.get("ok"):
+            logger.warning("vLLM did not confirm the abort of cut requests on %s: %s", names, q)
+        return {"requests": len(victims), "relays_stopped_seconds": round(t_relays - t0, 4),
+                "relays_not_confirmed": len(late), "engine_quiesced": bool(q.get("ok")),
+                "engine_quiesce_seconds": q.get("seconds"), **({"engine_error": q["error"]} if "error" in q else {})}
+
+    def _reset_prefix_cache(self, tries: int = 1, gap: float = 0.05) -> dict:
+        """vLLM refuses the reset while requests hold KV blocks: retry a few times, then keep retrying in the
+        background; the report says which happened (a retired adapter's name is never reused, so its cached
+        blocks can never be hit again)."""
         with self._cond:
-            while self.inflight.get(name, 0) > 0 and time.time() < deadline:
-                self._cond.wait(timeout=max(0.0, deadline - time.time()))
-            if self.inflight.get(name, 0) > 0:
-                logger.warning("%d requests still in flight on %s after %.0f s: they will fail",
-                               self.inflight[name], name, self.drain_timeout)
+            busy = sum(self.inflight.values())
+        if busy:  # vLLM refuses while requests hold KV blocks: do not spend an engine round trip on the switch
+            tries = 0
+        for i in range(1, tries + 1):
+            ok = self.server.reset_prefix_cache()
+            if ok is None or ok:  # None: a backend that does not report
+                self.prefix_cache.update(pending=False, last_success=time.time())
+                return {"prefix_cache_reset": True, "prefix_cache_attempts": i}
+            time.sleep(gap)
+        self.prefix_cache["attempts"] += tries
+        if not self.prefix_cache["pending"]:
+            self.prefix_cache["pending"] = True
+            threading.Thread(target=self._reset_prefix_cache_later, name="s3t-prefix-cache", daemon=True).start()
+        why = "vLLM refused while requests run" if tries else f"{busy} requests were running (vLLM refuses then)"
+        return {"prefix_cache_reset": False, "prefix_cache_attempts": tries,
+                "prefix_cache_note": f"{why}; retrying in the background (see prefix_cache in /s3t/state)"}
+
+    def _reset_prefix_cache_later(self, limit: float = 120.0) -> None:
+        t_end = time.time() + limit
+        while time.time() < t_end and not self._monitor_stop.is_set():
+            try:
+                self.prefix_cache["attempts"] += 1
+                if self.server.reset_prefix_cache() is not False:
+                    self.prefix_cache.update(pending=False, last_success=time.time())
+                    return
+            except Exception as e:  # noqa: BLE001
+                self.prefix_cache["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            time.sleep(0.25)
+        self.prefix_cache["pending"] = False
+        self.prefix_cache["gave_up_at"] = time.time()
+        logger.warning("prefix cache reset still refused after %.0f s", limit)
+
+    # ----- integrity: what the engine holds is what the gateway serves ----------------------------
+    def check_integrity(self, repair: bool = True, retired: list[str] | None = None) -> dict:
+        """Read the engine's adapter ids and the digests of their LoRA tensors (one RPC) and compare them with
+        what the gateway serves: a served adapter missing from the engine, or whose digest differs from the
+        digest of its file, takes its shard out of service, is logged and counted, and (``repair``) is reloaded
+        from its file. Engine ids the gateway does not serve (e.g. a retired adapter regained) are removed."""
+        with self._switch_lock:
+            digests_fn = getattr(self.server, "digests", None)
+            try:
+                engine = digests_fn() if digests_fn else {i: None for i in self.server.engine_loras()}
+                front = self.server.front_end_models()
+            except Exception as e:  # noqa: BLE001
+                self.integrity["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                logger.warning("integrity check failed: %s", self.integrity["last_error"])
+                return {"ok": False, "error": self.integrity["last_error"]}
+            self.engine_view = {"ids": sorted(engine), "digests": dict(engine), "at": time.time()}
+            self.integrity["checks"] += 1
+            self.integrity["last_check"] = time.time()
+            expected = getattr(self.server, "expected", {})
+            health: dict[int, dict] = {}
+            bad: list[tuple[int, dict, str]] = []
+            with self._cond:
+                routing = dict(self.routing)
+            for s, e in sorted(routing.items()):
+                if not e:
+                    health[s] = {"healthy": False, "reason": "no surviving prefix (needs retraining)", "dead": True}
+                    continue
+                lid = self.server.ids.get(e["name"])
+                problem = None
+                if lid is None or lid not in engine:
+                    problem = "adapter not in the engine's list"
+                elif e["name"] not in front:
+                    problem = "adapter not in vLLM's model list"
+                elif engine[lid] is not None and expected.get(e["name"]) and engine[lid] != expected[e["name"]]:
+                    problem = "digest of the engine's LoRA tensors differs from the adapter file"
+                health[s] = {"healthy": problem is None, "reason": problem}
+                if problem:
+                    bad.append((s, e, problem))
+            served_ids = set(self.server.ids.values())
+            strangers = sorted(set(engine) - served_ids)
+            self.shard_health = health
+            result = {"ok": not bad and not strangers, "shards_bad": [s for s, _, _ in bad],
+                      "engine_unknown_ids": strangers}
+            for s, e, problem in bad:
+                self.integrity["mismatches"] += 1
+                self._event({"shard": s, "adapter": e["name"], "problem": problem})
+                logger.error("integrity: shard %d (%s): %s; taking it out of service", s, e["name"], problem)
+                with self._cond:
+                    self._quarantined.add(s)
+                    self._cut_locked({e["name"]}, f"integrity: {problem}")
+            for lid in strangers:
+                self.integrity["regained_removed"] += 1
+                self._event({"engine_id": lid, "problem": "engine holds an adapter the gateway does not serve"})
+                logger.error("integrity: engine holds unknown adapter id %d; removing it", lid)
+                if repair:
+                    try:
+                        remove = getattr(self.server, "remove_engine_id", None)
+                        if remove:
+                            remove(lid)
+                    except Exception as ex:  # noqa: BLE001
+                        self.integrity["last_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+            if repair:
+                result["repaired"] = [s for s, e, _ in bad if self._repair(s, e)]
+            return result
+
+    def _schedule_check(self) -> None:
+        """Run check_integrity in a background thread now (one at a time; a request made while one runs makes
+        it run once more)."""
+        with self._cond:
+            self._check_again = True
+            if self._checker is not None and self._checker.is_alive():
+                return
+
+            def work():
+                while True:
+                    with self._cond:
+                        if not self._check_again:
+                            self._checker = None
+                            return
+                        self._check_again = False
+                    try:
+                        self.check_integrity(repair=True)
+                    except Exception:  # noqa: BLE001
+                        logger.exception("integrity check after a switch failed")
+
+            self._checker = threading.Thread(target=work, name="s3t-integrity-after-switch", daemon=True)
+            self._checker.start()
+
+    def wait_checks(self, timeout: float = 30.0) -> None:
+        """Wait for a scheduled integrity check (tests, benchmarks)."""
+        t = self._checker
+        if t is not None:
+            t.join(timeout)
+
+    def _event(self, ev: dict) -> None:
+        ev["at"] = time.time()
+        self.integrity["events"] = (self.integrity["events"] + [ev])[-50:]
+
+    def _repair(self, shard: int, entry: dict) -> bool:
+        """Reload a shard's adapter from its file (same name: its cache entries are dropped first)."""
+        name = entry["name"]
+        try:
+            with self._cond:
+                victims = [f for f in self._flights.values() if f.target == name]
+            self._await_cut(victims, [name])
+            if name in self.server.ids:
+                try:
+                    self.server.remove(name)
+                except ServingError:
+                    self.server.ids.pop(name, None)
+                    getattr(self.server, "expected", {}).pop(name, None)
+            for _ in range(3):  # a reload under the same name must not meet cached blocks of the wrong weights
+                if self.server.reset_prefix_cache() is not False:
+                    break
+                time.sleep(0.05)
+            self.server.load(name, entry["path"])
+            with self._cond:
+                self._quarantined.discard(shard)
+            self.shard_health[shard] = {"healthy": True, "reason": None}
+            self.integrity["repairs"] += 1
+            self._event({"shard": shard, "adapter": name, "repaired": True})
+            logger.warning("integrity: shard %d reloaded %s from %s", shard, name, entry["path"])
+            return True
+        except Exception as e:  # noqa: BLE001
+            self.integrity["last_error"] = f"repair of shard {shard}: {type(e).__name__}: {str(e)[:200]}"
+            logger.exception("integrity: could not reload shard %d", shard)
+            return False
+
+    def start_monitor(self) -> None:
+        if self._monitor and self._monitor.is_alive():
+            return
+        self._monitor_stop.clear()
+
+        def loop():
+            while not self._monitor_stop.wait(self.check_interval):
+                try:
+                    self.check_integrity(repair=True)
+                except Exception:  # noqa: BLE001
+                    logger.exception("periodic integrity check failed")
+
+        self._monitor = threading.Thread(target=loop, name="s3t-integrity", daemon=True)
+        self._monitor.start()
+
+    def stop_monitor(self) -> None:
+        self._monitor_stop.set()
 
     # ----- routing --------------------------------------------------------------------------------
     def live_shards(self) -> list[int]:
-        return sorted(s for s, e in self.routing.items() if e)
+        return sorted(s for s, e in self.routing.items() if e and s not in self._quarantined)
 
-    def route(self, model: str, body: dict, shard_header: str | None) -> tuple[str, int | None]:
+    def route(self, model: str, body: dict, shard_header: str | None, flight=None) -> tuple[str, int | None]:
         """Pick the vLLM model name for a request and count it in flight (under the routing lock, so a
-        switch can never drain an adapter between the choice and the count); the caller must ``_exit``.
-        Raises LookupError(msg) for unknown or retired models."""
+        switch cannot retire an adapter between the choice and the count: it sees the request and cuts it);
+        the caller must ``_exit``. ``flight`` (the HTTP relay) is registered under the same lock.
+        Raises LookupError(msg) for unknown or retired models, ValueError(msg) for a malformed shard header,
+        ServiceUnavailable(msg) for a shard taken out of service."""
         with self._cond:
             target, shard = self._route_locked(model, body, shard_header)
             self.inflight[target] = self.inflight.get(target, 0) + 1
+            if flight is not None:
+                flight.target = target
+                self._flights[flight.id] = flight
             return target, shard
 
     def _route_locked(self, model: str, body: dict, shard_header: str | None) -> tuple[str, int | None]:
         if model == self.run.config.name:
             live = self.live_shards()
             if shard_header is not None:
-                try:
-                    shard = int(shard_header)
-                except ValueError:
-                    raise LookupError(f"X-S3T-Shard {shard_header!r} is not an integer") from None
+                h = shard_header.strip()
+                if not (h.isascii() and h.isdigit() and len(h) <= 6):
+                    raise ValueError("X-S3T-Shard must be a shard number (a non-negative integer)")
+                shard = int(h)
                 if shard not in self.routing:
                     raise LookupError(f"shard {shard} does not exist")
                 entry = self.routing[shard]
@@ -302,83 +744,147 @@ class Gateway:
                     if self.dead_shard == "base":
                         return self.server.model_path, shard
                     raise LookupError(f"shard {shard} has no surviving prefix (needs retraining)")
+                if shard in self._quarantined:
+                    raise ServiceUnavailable(f"shard {shard} is out of service (integrity check failed)")
                 return entry["name"], shard
             if not live:
                 if self.dead_shard == "base":
                     return self.server.model_path, None
+                if self._quarantined:
+                    raise ServiceUnavailable("every live shard is out of service (integrity check failed)")
                 raise LookupError("no shard of this run has a surviving prefix: every shard needs retraining")
             shard = route_shard(body.get("prompt", body.get("messages")), live)
             return self.routing[shard]["name"], shard
+        if model == self.server.model_path:  # the base model (no adapter): reference scoring, nothing to delete
+            return model, None
         for s, e in self.routing.items():
             if e and e["name"] == model:
+                if s in self._quarantined:
+                    raise ServiceUnavailable(f"shard {s} is out of service (integrity check failed)")
                 return model, s
+        shown = model if len(model) <= 80 else model[:80] + "..."
         if model in self.retired:
-            raise LookupError(f"adapter {model} was retired ({self.retired[model]})")
-        raise LookupError(f"model {model!r} is not served; see GET /v1/models")
+            raise LookupError(f"adapter {shown} was retired ({self.retired[model]})")
+        raise LookupError(f"model {shown!r} is not served; see GET /v1/models")
 
-    def _exit(self, name: str) -> None:
+    def _exit(self, name: str, flight=None) -> None:
         with self._cond:
             self.inflight[name] -= 1
+            if flight is not None:
+                self._flights.pop(flight.id, None)
             self._cond.notify_all()
 
     # ----- state ----------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, full: bool = True) -> dict:
+        """The gateway's state. ``full=False`` (no token): nothing that names samples, request ids or paths:
+        per shard its adapter name (public, as in /v1/models), depth and health, and counts. ``full=True``
+        (the deletion token): everything, including the engine's adapter list and digests AS LAST READ by the
+        integrity check (after every switch and every ``check_interval`` seconds; no engine RPC per call)."""
         with self.run.ledger() as led:
             info = led.dataset(DATASET)
             applied = led.requests(DATASET, status="applied")
             pending = led.pending(DATASET)
+        retrain = dict(self.retrain_status) if isinstance(getattr(self, "retrain_status", None), dict) else {}
+        retrain["running"] = bool(self.retrain_thread and self.retrain_thread.is_alive())
         with self._cond:
             shards = []
             for s in range(self.run.shards):
                 e = self.routing.get(s)
-                shards.append({"shard": s, "adapter": e and e["name"], "prefix": e and e["prefix"],
-                               "depth": e["depth"] if e else 0, "sequence": e and e["sequence"],
-                               "sequence_prefixes": e and e["sequence_prefixes"], "needs_retraining": e is None,
-                               "engine_id": e and self.server.ids.get(e["name"])})
+                h = self.shard_health.get(s, {})
+                row = {"shard": s, "adapter": e and e["name"], "depth": e["depth"] if e else 0,
+                       "needs_retraining": e is None, "in_service": bool(e) and s not in self._quarantined,
+                       "healthy": bool(e) and s not in self._quarantined and h.get("healthy", True),
+                       "health_reason": h.get("reason")}
+                if full:
+                    row.update({"prefix": e and e["prefix"], "sequence": e and e["sequence"],
+                                "sequence_prefixes": e and e["sequence_prefixes"],
+                                "engine_id": e and self.server.ids.get(e["name"])})
+                shards.append(row)
             inflight = {k: v for k, v in self.inflight.items() if v}
-        return {"run": self.run.config.name, "base_model": self.server.model_path, "samples": info.n_samples,
-                "live_samples": info.n_live, "slices": self.run.config.s3t.slices, "sequences": self.run.sequences,
-                "shards": shards, "adapters_loaded": dict(self.server.ids),
-                "engine_adapter_ids": sorted(self.server.engine_loras()), "inflight": inflight,
+        public = {"run": self.run.config.name, "samples": info.n_samples, "live_samples": info.n_live,
+                  "slices": self.run.config.s3t.slices, "shards": shards,
+                  "deletions_applied": len(applied), "deletions_pending": len(pending),
+                  "retraining": retrain["running"], "integrity_checked_at": self.integrity["last_check"],
+                  "detail": "full" if full else "public (send Authorization: Bearer <token> for full detail)"}
+        if not full:
+            return public
+        integ = {k: v for k, v in self.integrity.items()}
+        return {**public, "base_model": self.server.model_path, "sequences": self.run.sequences,
+                "adapters_loaded": dict(self.server.ids), "engine_adapter_ids": sorted(self.engine_view["ids"]),
+                "engine_read_at": self.engine_view["at"],
+                "engine_digests_match": {n: (self.engine_view["digests"].get(i) == getattr(self.server, "expected", {}).get(n))
+                                         for n, i in self.server.ids.items()},
+                "inflight": inflight, "cut_requests": self.cut_requests,
+                "relay_stop_timeouts": self.relay_stop_timeouts, "integrity": integ,
+                "prefix_cache": dict(self.prefix_cache), "retrain_status": retrain,
                 "deletions_applied": [{"request_id": r.request_id, "n_ids": len(r.sample_ids),
                                        "applied_at": r.applied_at} for r in applied],
-                "deletions_pending": [r.request_id for r in pending],
-                "retraining": bool(self.retrain_thread and self.retrain_thread.is_alive())}
+                "deletions_pending": [r.request_id for r in pending]}
 
     # ----- deletion + retraining ------------------------------------------------------------------
-    def delete(self, ids: list[str], request_id: str | None = None) -> dict:
-        from .deletion import apply_deletion
+    def served(self) -> dict:
+        """What is really served (Backend protocol): the routing table and the engine's own adapter list."""
+        with self._cond:
+            routing = {s: (e["name"] if e else None) for s, e in self.routing.items()}
+        ids = dict(self.server.ids)
+        engine = self.server.engine_loras()
+        return {"backend": "vllm", "url": self.server.url, "routing": routing,
+                "engine_adapters": {n: i for n, i in sorted(ids.items()) if i in engine},
+                "engine_unknown_ids": sorted(engine - set(ids.values()))}
 
-        with self._deletion_lock:
-            cert = apply_deletion(self.run, ids, backend=self, request_id=request_id)
+    def delete(self, ids: list[str], request_id: str | None = None) -> dict:
+        """Apply one deletion request through this server (the run's one writer), then complete any
+        request that an earlier failure left journaled (each reconciles with the ledger as it is now)."""
+        from .deletion import apply_deletion, recover
+
+        cert = apply_deletion(self.run, ids, backend=self, request_id=request_id)
         self.deletions.append({"request_id": cert["request_id"], "changes": cert["served_changes"]})
+        for c in recover(self.run, backend=self):
+            self.deletions.append({"request_id": c["request_id"], "changes": c["served_changes"]})
         if self.retrain and cert["dead_shards"]:
             self.start_retrain()
         return cert
 
     def refresh(self, reason: str) -> dict:
-        """Serve the current best prefixes (after start-up, recovery or retraining)."""
-        from .deletion import publish
+        """Serve the current best prefixes (after start-up, recovery or retraining); a request that an earlier
+        failure left journaled is completed first (it destroys what its samples made stale)."""
+        from .deletion import publish, recover
 
-        with self._deletion_lock:
-            return publish(self.run, self, reason)[1]
+        recover(self.run, backend=self)
+        return publish(self.run, self, reason)[1]
 
     def start_retrain(self) -> None:
+        """Retrain dead shards in the background until no shard is dead: shards that die while it runs are
+        picked up, a stage made stale by a deletion is discarded and trained again on the new data."""
         if self.retrain_thread and self.retrain_thread.is_alive():
+            self._retrain_wakeup.set()
             return
 
         def work():
             from .training import StaleStageError, train_run
 
-            dead = [s for s, e in self.routing.items() if e is None]
-            logger.info("retraining dead shards %s in the background", dead)
-            try:
-                train_run(self.run, shards=dead, progress=False)
-                self.refresh("retrained")
-            except StaleStageError as e:
-                logger.warning("retraining interrupted by a deletion (%s); it will restart", e)
-            except Exception:
-                logger.exception("background retraining failed")
+            st = self.retrain_status
+            st.update(state="running", rounds=0, restarts=0, last_error=None)
+            while True:
+                self._retrain_wakeup.clear()
+                dead = [s for s, e in self.run.desired_routing().items() if e is None]
+                st["dead_shards"] = dead
+                if not dead:
+                    break
+                st["rounds"] += 1
+                logger.info("retraining dead shards %s in the background (round %d)", dead, st["rounds"])
+                try:
+                    summary = train_run(self.run, shards=dead, progress=False)
+                    st["stages_trained"] = st.get("stages_trained", 0) + summary["stages_trained"]
+                    self.refresh("retrained")
+                except StaleStageError as e:
+                    st["restarts"] += 1
+                    logger.warning("a deletion made a retraining stage stale (%s); training it again", e)
+                except Exception as e:  # keep the server up; report the failure in /s3t/state
+                    st.update(state="failed", last_error=f"{type(e).__name__}: {str(e)[:300]}")
+                    logger.exception("background retraining failed")
+                    return
+            st.update(state="idle", dead_shards=[])
 
         self.retrain_thread = threading.Thread(target=work, name="s3t-retrain", daemon=True)
         self.retrain_thread.start()
@@ -387,59 +893,272 @@ class Gateway:
     def app(self):
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse, StreamingResponse
-        from starlette.background import BackgroundTask
 
         app = FastAPI(title="s3t gateway")
-        client = httpx.AsyncClient(base_url=self.server.url, timeout=httpx.Timeout(600.0))
+        if hasattr(self.server, "async_client"):
+            client = self.server.async_client(timeout=httpx.Timeout(600.0))
+        else:
+            client = httpx.AsyncClient(base_url=self.server.url, timeout=httpx.Timeout(600.0))
+        limit = self.max_body_bytes
 
-        def err(status: int, message: str, typ: str = "invalid_request_error"):
-            return JSONResponse({"error": {"message": message, "type": typ, "code": status}}, status_code=status)
+        def err(status: int, message: str, typ: str = "invalid_request_error", code=None, headers=None):
+            message = message if len(message) <= 500 else message[:500] + "..."
+            return JSONResponse({"error": {"message": message, "type": typ, "code": code or status}},
+                                status_code=status, headers=headers)
+
+        def cut_error(flight) -> dict:
+            return {"error": {"message": f"request cut: {flight.cut_reason}; the adapter that was generating it "
+                                         "is no longer served (nothing it would have produced after the switch "
+                                         "is sent); send the request again to be served by the current adapter",
+                              "type": "deletion_in_progress", "code": "deletion_in_progress"}}
+
+        class Relayed(JSONResponse):  # runs ``on_done`` once the response is sent, or failed to be
+            def __init__(self, *a, on_done=None, **kw):
+                super().__init__(*a, **kw)
+                self.on_done = on_done
+
+            async def __call__(self, scope, receive, send):
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    self.on_done()
+
+        class RelayedStream(StreamingResponse):
+            def __init__(self, *a, on_done=None, **kw):
+                super().__init__(*a, **kw)
+                self.on_done = on_done
+
+            async def __call__(self, scope, receive, send):
+                try:
+                    await super().__call__(scope, receive, send)
+                finally:
+                    self.on_done()
+
+        def bearer(request: Request):
+            """None: no bearer credentials; else whether they equal the token (scheme case-insensitive)."""
+            auth = request.headers.get("authorization")
+            if not auth:
+                return None
+            scheme, _, cred = auth.strip().partition(" ")
+            if scheme.lower() != "bearer" or not cred.strip():
+                return None
+            return secrets.compare_digest(cred.strip().encode("latin-1", "replace"), self.token.encode())
+
+        async def read_json(request: Request):
+            """(body, None) or (None, error response): size limit (413), UTF-8, JSON, nesting depth."""
+            cl = request.headers.get("content-length", "")
+            if cl.isdigit() and int(cl) > limit:
+                return None, err(413, f"request body exceeds {limit} bytes", code="body_too_large")
+            buf = bytearray()
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    return None, err(413, f"request body exceeds {limit} bytes", code="body_too_large")
+            try:
+                text = bytes(buf).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return None, err(400, f"request body is not valid UTF-8 (byte {e.start})")
+            try:
+                body = json.loads(text)
+            except RecursionError:
+                return None, err(400, "request body is nested too deeply")
+            except json.JSONDecodeError as e:
+                return None, err(400, f"request body is not valid JSON: {e.msg} at position {e.pos}")
+            if _json_depth(body) > 64:
+                return None, err(400, "request body is nested too deeply (limit 64)")
+            return body, None
+
+        async def upstream_error(r, target: str, flight, data: bytes, headers: dict):
+            if r.status_code == 404 and target in self.retired:
+                return err(503, f"adapter {target} was retired ({self.retired[target]}) while this request was "
+                                "in flight; retry with the run name", "deletion_in_progress", "deletion_in_progress",
+                           headers=headers)
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                return err(502, f"vLLM answered {r.status_code} with a non-JSON body: "
+                                f"{data[:200].decode('utf-8', 'replace')}", "upstream_error", headers=headers)
+            if r.status_code == 503 and isinstance(payload, dict) and \
+                    (payload.get("error") or {}).get("type") == "deletion_in_progress" and flight.cut_reason:
+                return JSONResponse(cut_error(flight), status_code=503, headers=headers)
+            return JSONResponse(payload, status_code=r.status_code, headers=headers)
 
         async def proxy(request: Request, path: str):
-            try:
-                body = await request.json()
-            except json.JSONDecodeError as e:
-                return err(400, f"request body is not valid JSON: {e}")
+            body, bad = await read_json(request)
+            if bad is not None:
+                return bad
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 return err(400, "request body must be a JSON object with a string 'model'")
+            flight = _Flight(asyncio.get_running_loop())
             try:
-                target, shard = self.route(body["model"], body, request.headers.get("x-s3t-shard"))
+                target, shard = self.route(body["model"], body, request.headers.get("x-s3t-shard"), flight=flight)
+            except ValueError as e:
+                return err(400, str(e))
+            except ServiceUnavailable as e:
+                return err(503, str(e), "shard_out_of_service", "shard_out_of_service")
             except LookupError as e:
                 return err(404, str(e).strip("'\""), "NotFoundError")
-            body = dict(body, model=target)
-            headers = {"X-S3T-Adapter": target, "X-S3T-Shard": "" if shard is None else str(shard)}
             released = []
 
             def release():  # exactly once, whichever of the paths below gets there first
                 if not released:
                     released.append(True)
-                    self._exit(target)
+                    flight.stopped.set()
+                    self._exit(target, flight)
 
-            if body.get("stream"):
-                async def gen():
-                    try:
-                        async with client.stream("POST", path, json=body) as r:
-                            async for chunk in r.aiter_raw():
-                                yield chunk
-                    finally:
-                        release()
-                # The background task also runs when the client goes away before the body starts.
-                return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
-                                         background=BackgroundTask(release))
+            headers = {"X-S3T-Adapter": target, "X-S3T-Shard": "" if shard is None else str(shard)}
             try:
-                r = await client.post(path, json=body)
-            except httpx.HTTPError as e:
-                return err(502, f"vLLM did not answer: {e}", "upstream_error")
-            finally:
+                content = json.dumps(dict(body, model=target)).encode()
+            except (RecursionError, ValueError, TypeError):
                 release()
-            if r.status_code == 404 and target in self.retired:
-                return err(503, f"adapter {target} was retired ({self.retired[target]}) while this request was "
-                                "in flight; retry with the run name", "AdapterRetired")
+                return err(400, "request body cannot be relayed")
+            fwd = {"content-type": "application/json", "x-s3t-flight": flight.id}
+            handed_off = False
             try:
-                payload = r.json()
-            except ValueError:
-                return err(502, f"vLLM answered {r.status_code} with a non-JSON body: {r.text[:300]}", "upstream_error")
-            return JSONResponse(payload, status_code=r.status_code, headers=headers)
+                if body.get("stream"):
+                    resp = await relay_stream(path, content, fwd, flight, target, headers, release)
+                    handed_off = isinstance(resp, RelayedStream)
+                    return resp
+                task = asyncio.ensure_future(client.post(path, content=content, headers=fwd))
+                flight.task = task
+                if flight.cut_reason:
+                    task.cancel()
+                try:
+                    r = await task
+                except asyncio.CancelledError:
+                    if flight.cut_reason:
+                        return JSONResponse(cut_error(flight), status_code=503, headers=headers)
+                    raise
+                except httpx.HTTPError as e:
+                    return err(502, f"vLLM did not answer ({type(e).__name__})", "upstream_error", headers=headers)
+                with self._cond:  # either the switch's cut is seen here, or the switch waits for this send
+                    cut = flight.cut_reason
+                    flight.committed = cut is None
+                if cut:
+                    return JSONResponse(cut_error(flight), status_code=503, headers=headers)
+                if r.status_code != 200:
+                    return await upstream_error(r, target, flight, r.content, headers)
+                try:
+                    payload = r.json()
+                except ValueError:
+                    return err(502, f"vLLM answered {r.status_code} with a non-JSON body", "upstream_error",
+                               headers=headers)
+                handed_off = True
+                return Relayed(payload, status_code=r.status_code, headers=headers, on_done=release)
+            finally:
+                if not handed_off:
+                    release()
+
+        async def sse_events(r):
+            buf = b""
+            async for chunk in r.aiter_raw():
+                buf += chunk
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    yield buf[:i + 2]
+                    buf = buf[i + 2:]
+            if buf:
+                yield buf
+
+        async def relay_stream(path, content, fwd, flight, target, headers, release):
+            async def open_stream():
+                return await client.send(client.build_request("POST", path, content=content, headers=fwd),
+                                         stream=True)
+
+            task = asyncio.ensure_future(open_stream())
+            flight.task = task
+            if flight.cut_reason:
+                task.cancel()
+            try:
+                r = await task
+            except asyncio.CancelledError:
+                if flight.cut_reason:
+                    return JSONResponse(cut_error(flight), status_code=503, headers=headers)
+                raise
+            except httpx.HTTPError as e:
+                return err(502, f"vLLM did not answer ({type(e).__name__})", "upstream_error", headers=headers)
+            events = sse_events(r)
+            if r.status_code != 200:  # the real status, before any stream starts
+                try:
+                    data = await r.aread()
+                finally:
+                    await r.aclose()
+                return await upstream_error(r, target, flight, data[:65536], headers)
+            peek = asyncio.ensure_future(events.__anext__())  # an error in the first event: its status, no stream
+            flight.task = peek
+            if flight.cut_reason:
+                peek.cancel()
+            try:
+                first = await peek
+            except StopAsyncIteration:
+                first = b""
+            except asyncio.CancelledError:
+                await r.aclose()
+                if flight.cut_reason:
+                    return JSONResponse(cut_error(flight), status_code=503, headers=headers)
+                raise
+            except httpx.HTTPError as e:
+                await r.aclose()
+                return err(502, f"vLLM stream failed ({type(e).__name__})", "upstream_error", headers=headers)
+            if first.startswith(b"data: {") and b'"error"' in first[:64]:
+                try:
+                    e = json.loads(first[6:])
+                    code = (e.get("error") or {}).get("code")
+                    status = code if isinstance(code, int) and 400 <= code < 600 else 400
+                    await r.aclose()
+                    return JSONResponse(e, status_code=status, headers=headers)
+                except (ValueError, AttributeError):
+                    pass
+            q: asyncio.Queue = asyncio.Queue()
+
+            async def produce():
+                try:
+                    async for ev in events:
+                        q.put_nowait(ev)
+                    q.put_nowait(_END)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    q.put_nowait(_StreamFailed(type(e).__name__))
+                finally:
+                    await r.aclose()
+
+            producer = asyncio.ensure_future(produce())
+            flight.queue = q
+            flight.task = producer
+            if flight.cut_reason:
+                producer.cancel()
+
+            async def gen():
+                pending = [first] if first else []
+                while True:
+                    if flight.cut_reason:
+                        break
+                    item = pending.pop() if pending else await q.get()
+                    if flight.cut_reason:
+                        break
+                    if item is _END:
+                        return
+                    if isinstance(item, _StreamFailed):
+                        yield ("data: " + json.dumps({"error": {"message": f"vLLM stream failed ({item.what})",
+                                                                "type": "upstream_error", "code": 502}})
+                               + "\n\n").encode()
+                        return
+                    if item is _CUT:
+                        continue
+                    yield item
+                # Cut: everything yielded so far has been handed to the client; nothing more from this adapter.
+                flight.stopped.set()
+                yield ("data: " + json.dumps(cut_error(flight)) + "\n\n").encode()
+
+            def done():
+                if not producer.done():
+                    producer.cancel()
+                release()
+
+            return RelayedStream(gen(), media_type="text/event-stream", headers=headers, on_done=done)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -452,30 +1171,56 @@ class Gateway:
         @app.get("/v1/models")
         async def models():
             with self._cond:
-                names = [self.run.config.name] + [e["name"] for _, e in sorted(self.routing.items()) if e]
+                names = [self.run.config.name] + [e["name"] for s, e in sorted(self.routing.items())
+                                                  if e and s not in self._quarantined]
             return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "s3t"} for n in names]}
 
         @app.get("/health")
         async def health():
-            return {"status": "ok", "live_shards": self.live_shards()}
+            """The gateway's view as of the last integrity check (after every switch, every check_interval s):
+            a shard is unhealthy when its adapter is not in the engine's list or vLLM's model list, or the
+            digest of the engine's LoRA tensors differs from the adapter file."""
+            with self._cond:
+                rows = []
+                for s, e in sorted(self.routing.items()):
+                    h = self.shard_health.get(s, {})
+                    ok = bool(e) and s not in self._quarantined and h.get("healthy", True)
+                    rows.append({"shard": s, "adapter": e and e["name"], "healthy": ok,
+                                 "reason": None if ok else (h.get("reason") or ("out of service" if e else
+                                                                                "no surviving prefix"))})
+            unhealthy = [r["shard"] for r in rows if r["adapter"] and not r["healthy"]]
+            return {"status": "degraded" if unhealthy else "ok", "live_shards": self.live_shards(),
+                    "unhealthy_shards": unhealthy, "shards": rows, "checked_at": self.integrity["last_check"]}
 
         @app.get("/s3t/state")
-        async def state():
-            return await asyncio.to_thread(self.state)
+        async def state(request: Request):
+            ok = bearer(request)
+            if ok is False:
+                return err(403, "wrong token", "Forbidden")
+            return await asyncio.to_thread(self.state, bool(ok))
+
+        @app.get("/s3t/served")
+        async def served_now(request: Request):
+            """What is really served (routing + the engine's own adapter list): for `s3t verify`. Token only."""
+            ok = bearer(request)
+            if not ok:
+                return err(401 if ok is None else 403, "this endpoint needs the deletion token", "Unauthorized")
+            return await asyncio.to_thread(self.served)
 
         @app.post("/s3t/delete")
         async def delete(request: Request):
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer "):
+            ok = bearer(request)
+            if ok is None:
                 return err(401, "missing bearer token (Authorization: Bearer <token> from serve.json)", "Unauthorized")
-            if not secrets.compare_digest(auth[7:], self.token):
+            if not ok:
                 return err(403, "wrong token", "Forbidden")
-            try:
-                body = await request.json()
-            except json.JSONDecodeError as e:
-                return err(400, f"request body is not valid JSON: {e}")
+            body, bad = await read_json(request)
+            if bad is not None:
+                return bad
             if not isinstance(body, dict) or "ids" not in body:
                 return err(400, "body must be {\"ids\": [sample ids], \"request_id\": optional}")
+            if body.get("request_id") is not None and not isinstance(body["request_id"], str):
+                return err(400, "'request_id' must be a string")
             from .ledger import LedgerError
             from .records import RecordError, load_sample_ids
 
@@ -492,8 +1237,13 @@ class Gateway:
                     "certificate": str(Path(self.run.dir) / "certificates" / f"{cert['request_id']}.json"),
                     "switch_report": cert["switch_report"]}
 
+        @app.on_event("startup")
+        async def _start():
+            self.start_monitor()
+
         @app.on_event("shutdown")
         async def _close():
+            self.stop_monitor()
             await client.aclose()
 
         return app
@@ -545,8 +1295,11 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
     import uvicorn
 
     from .deletion import recover
+    from .locking import acquire
 
     run = Run.open(run_dir)
+    # One gateway per run: while this lock is held, `delete --offline`, `train` and `unlearn` refuse.
+    run_lock = acquire(run.dir, "serve", url=f"http://{host}:{port}")
     m = run.shards
     server = VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
                         port=vllm_port, max_model_len=max(512, run.config.data.max_length * 2),
@@ -561,7 +1314,10 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
 
     old = signal.signal(signal.SIGTERM, on_signal)
     try:
-        print(f"[s3t] starting vLLM on {server.url} (log: {server.log_file})", flush=True)
+        if vllm_port is not None:
+            print("[s3t] WARNING: --vllm-port puts vLLM's admin surface on a TCP port every local user can reach; "
+                  "without it vLLM listens on a private Unix socket", flush=True)
+        print(f"[s3t] starting vLLM on {server.uds or server.url} (log: {server.log_file})", flush=True)
         last = [0.0]
 
         def progress(elapsed):
@@ -570,7 +1326,9 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                 print(f"[s3t] waiting for vLLM ... {elapsed:.0f} s", flush=True)
 
         server.start(progress=progress)
-        done = recover(run, backend=None)  # finish journaled requests before anything is served
+        # Finish journaled requests before anything is served: each reconciles with the ledger as it is now
+        # (a stored plan is never replayed) and certifies what this engine really serves afterwards.
+        done = recover(run, backend=gw)
         if done:
             print(f"[s3t] finished {len(done)} interrupted deletion request(s): "
                   f"{[c['request_id'] for c in done]}", flush=True)
@@ -584,7 +1342,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
         tmp = serve_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"url": url, "token": gw.token, "pid": os.getpid(), "vllm_url": server.url,
+            json.dump({"url": url, "token": gw.token, "pid": os.getpid(), "vllm_socket": server.uds,
+                       "vllm_url": None if server.uds else server.url,
                        "started_at": time.time(), "adapters": report["loaded"]}, f, indent=2)
         os.replace(tmp, serve_file)
         config = uvicorn.Config(gw.app(), host=host, port=port, log_level="warning")
@@ -598,6 +1357,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
     finally:
         signal.signal(signal.SIGTERM, old)
         print("[s3t] stopping vLLM", flush=True)
+        gw.stop_monitor()
         server.stop()
         if serve_file.exists():
             serve_file.unlink()
+        run_lock.release()

