@@ -50,7 +50,7 @@ def staging_dir(parent: Path, name: str) -> Path:
     return d
 
 
-_STAGING_PID = re.compile(r"-pid(\d+)-[0-9a-f]{8}$")
+_STAGING_PID = re.compile(r"-pid(\d+)-[0-9A-Za-z_]{8}$")
 
 
 def staging_owner_alive(path: Path) -> bool:
@@ -175,8 +175,10 @@ class AdapterStore:
                             n_tensors=len(tensors), written_at=time.time())
             _write_json(staging / MANIFEST, manifest)
             _fsync_dir(staging)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # a stale block being retrained: out of the way atomically, then removed
+                trash = final.parent / f".trash-{final.name}-{os.getpid()}-{time.time_ns()}"
+                os.replace(final, trash)
+                shutil.rmtree(trash)
             os.replace(staging, final)
             _fsync_dir(final.parent)
         finally:
@@ -212,6 +214,9 @@ class AdapterStore:
                     if not staging_owner_alive(p):
                         shutil.rmtree(p, ignore_errors=True)
                         n += 1
+                for p in list(base.rglob(".trash-*")):  # what a killed removal left (never in use)
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
         return n
 
     # ----- prefix adapters ------------------------------------------------------------------------

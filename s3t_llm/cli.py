@@ -234,14 +234,8 @@ def cmd_migrate(args) -> int:
 def cmd_unlearn(args) -> int:
     from .unlearn import unlearn
 
-    forget = None
-    if args.forget_file:
-        from .records import identify, load_records
-
-        forget = {identify(r)[0]: r for r in load_records(args.forget_file)}
     path = unlearn(args.run, _deletion_ids(args.ids), args.method, shard=args.shard, alpha=args.alpha,
-                   variant=args.variant, epochs=args.epochs, lr=args.lr, out_name=args.name,
-                   forget_records=forget)
+                   variant=args.variant, epochs=args.epochs, lr=args.lr, out_name=args.name)
     man = json.loads((path / "unlearn_manifest.json").read_text())
     print(f"{args.method}: approximate unlearning of {man['n_forget']} sample(s) of shard {man['shard']} "
           f"in {man['seconds']:.1f} s (NO guarantee: use `s3t delete` for exact deletion)")
@@ -337,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=float, default=1.0)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--name", help="name of the new adapter")
-    sp.add_argument("--forget-file", help="records of already-deleted forget ids (their text is erased from the "
-                                          "run); each is checked against the ledger's tombstone")
     sp.set_defaults(func=cmd_unlearn)
 
     sp = sub.add_parser("experiment", help="experiments: deletion-stream (quality, latency, audit vs deletions)")

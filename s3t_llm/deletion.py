@@ -147,12 +147,31 @@ def destroy(run: Run, artifacts: list[dict]) -> list[dict]:
     for a in artifacts:
         p = Path(a["path"])
         if p.exists():
-            shutil.rmtree(p)
+            # Atomic rename first: a kill during the removal leaves a `.trash-*` directory (swept below and by
+            # every later deletion), never a half-removed artifact that has lost its manifest but kept its weights.
+            trash = p.parent / f".trash-{p.name}-{os.getpid()}-{time.time_ns()}"
+            os.replace(p, trash)
+            shutil.rmtree(trash)
             done.append(a)
-    # Trainer scratch directories (checkpoints / optimizer state of an interrupted stage) never survive.
+    sweep_trash(run)
+    # Trainer scratch (checkpoints / optimizer state of an interrupted stage) of dead trainers never survives; a
+    # live trainer removes its own when its stage ends (a stage made stale by this deletion is never stored).
+    from .adapters import staging_owner_alive
+
     for scratch in run.dir.glob(".trainer-*"):
-        shutil.rmtree(scratch, ignore_errors=True)
+        if not staging_owner_alive(scratch):
+            shutil.rmtree(scratch, ignore_errors=True)
     return done
+
+
+def sweep_trash(run: Run) -> int:
+    """Remove what a killed destroy left in `.trash-*` directories; returns how many."""
+    n = 0
+    for base in (run.store.blocks_dir, run.store.adapters_dir, run.dir / "unlearned"):
+        for t in list(base.rglob(".trash-*")) if base.exists() else []:
+            shutil.rmtree(t, ignore_errors=True)
+            n += 1
+    return n
 
 
 def certificate_path(run: Run, request_id: str) -> Path:
@@ -173,6 +192,15 @@ def _write_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself must survive a power loss
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
 
 
 def served_evidence(run: Run, served: dict, deleted_ids: set[str], snap=None) -> list[dict]:
@@ -223,6 +251,9 @@ def _problems(run: Run, served: dict, evidence: list[dict], desired: dict) -> li
     extra = set(served.get("engine_adapters", {})) - {n for n in want.values() if n}
     if extra:
         bad.append(f"the engine still holds adapters that are not routed: {sorted(extra)}")
+    missing = {n for n in want.values() if n} - set(served.get("engine_adapters", {}))
+    if served.get("backend") and missing:
+        bad.append(f"the engine lacks routed adapters: {sorted(missing)}")
     if served.get("engine_unknown_ids"):
         bad.append(f"the engine holds adapter ids the gateway does not know: {served['engine_unknown_ids']}")
     return bad
@@ -245,9 +276,15 @@ def _complete(run: Run, led, request_id: str, backend: Backend | None) -> dict:
     if req.status == "applied" and cert_file.exists():
         return json.loads(cert_file.read_text())
     t_received = datetime.fromisoformat(req.received_at).timestamp()
-    first_plan = next((e["payload"] for e in led.events(request_id) if e["event"] == "planned"), None)
-    if backend:
-        served_before = backend.served()
+    events = led.events(request_id)
+    first_plan = next((e["payload"] for e in events if e["event"] == "planned"), None)
+    at_receipt = (events[0]["payload"] or {}).get("context", {}).get("served_at_receipt") if events else None
+    if backend and at_receipt:  # what the backend really served when the request arrived (journaled with it)
+        served_before = {**at_receipt, "routing": {int(k): v for k, v in at_receipt["routing"].items()},
+                         "note": "reported by the server when the request was received"}
+    elif backend:
+        served_before = {**backend.served(), "note": "reported by this server before it applied the request (the "
+                                                     "server that received it stopped first)"}
     else:
         recorded = first_plan["served_before"] if first_plan else \
             {k: (v or {}).get("name") for k, v in _read_served(run).items()}
@@ -258,10 +295,11 @@ def _complete(run: Run, led, request_id: str, backend: Backend | None) -> dict:
     snap = run.snapshot()
     desired = run.desired_routing(snap)
     stale_now = stale_artifacts(run, snap)
-    led.mark_planned(request_id, {"serving": {str(k): v for k, v in desired.items()},
-                                  "stale": stale_now,
-                                  "served_before": {str(k): v for k, v in served_before["routing"].items()},
-                                  "note": "history: every step derives its state from the ledger again"})
+    if req.status != "applied":
+        led.mark_planned(request_id, {
+            "serving": {str(k): v for k, v in desired.items()}, "stale": stale_now,
+            "served_before": {str(k): v for k, v in served_before["routing"].items()},
+            "note": "history: every step derives its state from the ledger again"})
     _crash_point("planned")
     routing = materialise_plan(run, desired)
     _crash_point("materialised")
@@ -313,7 +351,7 @@ def _complete(run: Run, led, request_id: str, backend: Backend | None) -> dict:
             "ledger": erase_report,
             "content": "the ledger keeps a tombstone per deleted sample (id, cell, request, keyed HMAC of the "
                        "record); the record's text is in no file of the run directory",
-            "outside_s3t_control": [run.info.get("source")],
+            "outside_s3t_control": [x for x in [run.info.get("source")] if x],
             "outside_note": "the user's own source file(s) above are not modified by s3t: remove the records "
                             "there too, or re-registering them keeps them deleted (tombstones) but the file "
                             "still holds them"},
@@ -322,7 +360,8 @@ def _complete(run: Run, led, request_id: str, backend: Backend | None) -> dict:
     cert = json.loads(json.dumps(cert))  # exactly what the file holds (string keys), for every caller
     _write_atomic(cert_file, cert)
     _crash_point("certified")
-    led.mark_applied(request_id, note=f"certificate {cert_file.name}")
+    if req.status != "applied":
+        led.mark_applied(request_id, note=f"certificate {cert_file.name}")
     return cert
 
 
@@ -344,8 +383,11 @@ def apply_deletion(run: Run, sample_ids: list[str], *, backend: Backend | None =
         check_request_id(request_id)
     # Journaling holds the writer lock too: nothing moves the ledger between a request's plan and certificate.
     with hold(run.dir, "delete") if backend is None else contextlib.nullcontext(), writer_lock(run.dir):
+        context = {"served_at_receipt": _jsonable(backend.served())} if backend else None
         with run.ledger() as led:
-            req = led.journal_deletion(DATASET, list(sample_ids), request_id=request_id, also=run.datasets()[1:])
+            req = led.journal_deletion(DATASET, list(sample_ids), request_id=request_id, also=run.datasets()[1:],
+                                       context=context)
+            led.checkpoint()  # the erased record's old page leaves the WAL and the database file now
         _crash_point("journaled")
         if not req.newly_deleted:
             logger.info("request %s: every sample was already deleted; nothing changes", req.request_id)
@@ -354,7 +396,7 @@ def apply_deletion(run: Run, sample_ids: list[str], *, backend: Backend | None =
 
 def publish(run: Run, backend: Backend | None = None, reason: str = "publish") -> tuple[dict, dict | None]:
     """Serve (and record in served.json) the current longest surviving prefix of every shard."""
-    with writer_lock(run.dir):
+    with hold(run.dir, "train") if backend is None else contextlib.nullcontext(), writer_lock(run.dir):
         routing = materialise_plan(run, serving_plan(run))
         report = backend.apply_routing(routing, reason) if backend else None
         _write_served(run, routing)

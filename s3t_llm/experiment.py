@@ -171,7 +171,7 @@ def pick_requests(run: Run, n: int, *, prior: str = "uniform", skew: float = 0.5
 class ScoreCache:
     """Log-likelihoods by (model content key, token ids), kept in a JSON file between invocations.
 
-    Entries are keyed by an HMAC under the run ledger's key (``key_hex``), not a plain hash: the file scores
+    Entries are keyed by an HMAC under the run ledger's secret tombstone key, not a plain hash: the file scores
     deleted samples too (the audit), and a plain hash of their token ids would confirm a guessed text."""
 
     def __init__(self, path: Path, key_hex: str | None = None):
@@ -565,7 +565,7 @@ def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budget
     (exp_dir / "requests.json").write_text(json.dumps({"prior": prior, "skew": skew if prior == "skewed" else None,
                                                        "seed": seed, "ids": requests_}, indent=1))
     with top.ledger() as led:
-        cache = ScoreCache(exp_dir / "score_cache.json", led.key_hex(DATASET))
+        cache = ScoreCache(exp_dir / "score_cache.json", led.tombstone_key)
     gen_prompts = _generation_prompts(held[-generations:] if generations else [], cfg.data.template)
 
     rows: list[dict] = []

@@ -19,9 +19,10 @@ Schema (version 2; ``meta.schema_version``)
     of the normalised record (``records.canonical_json``), so ``sha256(record_json) == content_hash``.
     ``deleted_request`` is NULL while the sample is live, else the request that deleted it (an FK
     to ``deletion_requests``). A deleted sample is a **tombstone**: in the transaction that deletes
-    it, ``record_json`` and ``content_hash`` become NULL and ``content_hmac`` = HMAC-SHA256 under the
-    dataset's key of the record's canonical JSON (a plain hash would confirm a guessed text; the keyed
-    one lets the key holder check that a file the user passes holds the deleted record). With
+    it, ``record_json`` and ``content_hash`` become NULL and ``content_hmac`` = HMAC-SHA256 of the record's
+    canonical JSON under the ledger's secret tombstone key (:attr:`Ledger.tombstone_key`: random, in a
+    0600 file beside the database, never in it; a plain hash would confirm a guessed text, the keyed one
+    lets the key holder check that a file the user passes holds the deleted record). With
     ``PRAGMA secure_delete`` on and :meth:`Ledger.erase` (WAL checkpoint + VACUUM) after a deletion,
     the bytes are gone from the database file and its WAL. Triggers forbid changing ``dataset/
     sample_id/idx/shard/slice``, changing content other than erasing it once on deletion, and
@@ -62,6 +63,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import sqlite3
 import time
@@ -110,7 +112,7 @@ def check_request_id(request_id: Any) -> str:
 
 
 def content_hmac(key_hex: str, record_json: str) -> str:
-    """The tombstone of a deleted record: HMAC-SHA256 under the dataset's key of its canonical JSON."""
+    """The tombstone of a deleted record: HMAC-SHA256 of its canonical JSON under the tombstone key."""
     return hmac.new(bytes.fromhex(key_hex), record_json.encode("utf-8"), hashlib.sha256).hexdigest()
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's variable limit
 
@@ -363,6 +365,7 @@ class Ledger:
         except sqlite3.Error as e:
             raise LedgerError(f"{path}: cannot open ledger: {e}") from None
         self._con = con
+        self._tkey: str | None = None
         try:
             mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if not memory and mode.lower() != "wal":
@@ -581,7 +584,8 @@ class Ledger:
                 # HMAC and stays deleted (never revived); a different record under its id is an error.
                 changed = [
                     s for s, v in by_id.items() if s in existing and (
-                        content_hmac(okey, v[1]) != hmacs[s] if s in hmacs else existing[s] != v[0])
+                        content_hmac(self.tombstone_key, v[1]) != hmacs[s] if s in hmacs
+                        else existing[s] != v[0])
                 ]
                 if changed:
                     more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -817,7 +821,7 @@ class Ledger:
 
     def journal_deletion(
         self, name: str, sample_ids: Iterable[str], *, request_id: str | None = None,
-        also: Iterable[str] = (),
+        also: Iterable[str] = (), context: dict | None = None,
     ) -> DeletionRequest:
         """Record a deletion request and mark its samples deleted, in one transaction.
 
@@ -858,28 +862,27 @@ class Ledger:
                         + (f"dataset {prev[0]!r}" if prev[0] != name else "different sample ids")
                     )
                 return self._request(con, request_id)
-            found = self._lookup(con, name, ids)
-            where = {s: name for s in found}
-            for other in also:  # e.g. the run's held-out samples: deletable like any other
-                self._dataset_row(con, other)
-                rest = [s for s in ids if s not in where]
-                for s, v in self._lookup(con, other, rest).items():
-                    found[s], where[s] = v, other
-            unknown = [s for s in ids if s not in found]
+            # Every dataset's copy of an id goes (a record may sit in training and held-out data alike).
+            hits: list[tuple[str, str, tuple]] = []  # (dataset, sample_id, (shard, slice, deleted_request))
+            for ds in [name] + [o for o in also if o != name]:
+                self._dataset_row(con, ds)
+                hits += [(ds, sid, v) for sid, v in self._lookup(con, ds, ids).items()]
+            known = {sid for _, sid, _ in hits}
+            unknown = [s for s in ids if s not in known]
             if unknown:
                 raise UnknownSampleError(name, unknown)
-            newly = [s for s in ids if found[s][2] is None]
+            live = [(ds, sid, v) for ds, sid, v in hits if v[2] is None]
+            newly = sorted({sid for _, sid, _ in live}, key=ids.index)
             con.execute(
                 "INSERT INTO deletion_requests(request_id, dataset, sample_ids_json, received_at, "
                 "status) VALUES (?,?,?,?, 'received')",
                 (request_id, name, json.dumps(ids), _now()),
             )
-            keys = {ds: self._dataset_row(con, ds)[4] for ds in set(where.values())}
             rows = []
-            for s in newly:
+            for ds, sid, _ in live:
                 text = con.execute("SELECT record_json FROM samples WHERE dataset=? AND sample_id=?",
-                                   (where[s], s)).fetchone()[0]
-                rows.append((request_id, content_hmac(keys[where[s]], text), where[s], s))
+                                   (ds, sid)).fetchone()[0]
+                rows.append((request_id, content_hmac(self.tombstone_key, text), ds, sid))
             # Deleting a sample erases its content in the same transaction: a tombstone stays.
             con.executemany(
                 "UPDATE samples SET deleted_request=?, content_hmac=?, record_json=NULL, "
@@ -887,8 +890,8 @@ class Ledger:
                 rows,
             )
             by_ds: dict[str, set] = defaultdict(set)
-            for s in newly:
-                by_ds[where[s]].add(found[s][:2])
+            for ds, _, v in live:
+                by_ds[ds].add(v[:2])
             for ds, ds_cells in by_ds.items():
                 self._recompute_slices(con, ds, ds_cells)
             cells = sorted(by_ds.get(name, set()))
@@ -897,7 +900,7 @@ class Ledger:
                 request_id,
                 "received",
                 {"n_ids": len(ids), "newly_deleted": newly, "touched_cells": cells,
-                 "other_datasets": sorted({where[s] for s in newly} - {name})},
+                 "other_datasets": sorted(set(by_ds) - {name}), **({"context": context} if context else {})},
             )
             return self._request(con, request_id)
 
@@ -927,6 +930,35 @@ class Ledger:
             raise LedgerError(f"{self.path}: could not checkpoint and vacuum the ledger (other readers)")
         return out
 
+    @property
+    def tombstone_key(self) -> str:
+        """The secret key of the tombstones' HMAC (hex): random, one per ledger, kept beside it in
+        ``<ledger>.tombstone-key`` (mode 0600), never in the database (whoever holds a copy of the ledger
+        alone cannot confirm a guessed deleted text) and never derived from the seed."""
+        if self._tkey is None:
+            if str(self.path) == ":memory:":
+                self._tkey = os.urandom(32).hex()
+            else:
+                f = Path(str(self.path) + ".tombstone-key")
+                try:
+                    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "w") as out:
+                        out.write(os.urandom(32).hex())
+                        out.flush()
+                        os.fsync(out.fileno())
+                except FileExistsError:
+                    pass
+                self._tkey = f.read_text().strip()
+        return self._tkey
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it (cheap; ``secure_delete`` already zeroed erased
+        bytes in the new pages). False when other readers kept it from completing (``erase`` retries)."""
+        try:
+            return self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        except sqlite3.OperationalError:
+            return False
+
     def tombstone_matches(self, name: str, sample_id: str, record: dict) -> bool:
         """Whether ``record`` is the deleted sample's record (its keyed HMAC equals the tombstone's)."""
         try:
@@ -934,12 +966,12 @@ class Ledger:
         except _records.RecordError as e:
             raise LedgerError(str(e)) from None
         with self._read() as con:
-            key_hex = self._dataset_row(con, name)[4]
+            self._dataset_row(con, name)
             row = con.execute("SELECT content_hmac FROM samples WHERE dataset=? AND sample_id=?",
                               (name, sample_id)).fetchone()
         if row is None:
             raise UnknownSampleError(name, [sample_id])
-        return row[0] is not None and hmac.compare_digest(row[0], content_hmac(key_hex, text))
+        return row[0] is not None and hmac.compare_digest(row[0], content_hmac(self.tombstone_key, text))
 
     def tombstones(self, name: str) -> dict[str, str]:
         """``{sample_id: content_hmac}`` of the dataset's deleted samples."""
@@ -1179,14 +1211,16 @@ def migrate(path: str | Path) -> dict:
             con.execute("DROP INDEX IF EXISTS samples_deleted")
             for stmt in _split_sql(_SCHEMA):
                 con.execute(stmt)
-            keys = dict(con.execute("SELECT name, key_hex FROM datasets"))
+            tkey = Ledger.__new__(Ledger)
+            tkey.path, tkey._tkey = path, None
+            tkey = tkey.tombstone_key
             erased = 0
             for ds, sid, idx, shard, sl, chash, text, dreq in con.execute(
                     "SELECT dataset, sample_id, idx, shard, slice, content_hash, record_json, deleted_request "
                     "FROM samples_v1").fetchall():
                 hm = None
                 if dreq is not None:
-                    hm, chash, text = content_hmac(keys[ds], text), None, None
+                    hm, chash, text = content_hmac(tkey, text), None, None
                     erased += 1
                 con.execute("INSERT INTO samples(dataset, sample_id, idx, shard, slice, content_hash, record_json, "
                             "deleted_request, content_hmac) VALUES (?,?,?,?,?,?,?,?,?)",

@@ -110,6 +110,9 @@ def hold(run_dir: str | Path, role: str, **info):
     exclusively or in the same role (a server's background retraining runs under the server's lock)."""
     key = os.path.realpath(run_dir)
     mine = _held.get(key)
+    if mine is not None and mine.role == "serve" and role == "delete":
+        raise RunBusy(f"this process serves {run_dir}: deletions go through its gateway (an offline deletion would "
+                      "change the stored run without switching the engine)")
     if mine is not None and (ROLES[mine.role] == fcntl.LOCK_EX or mine.role == role):
         yield mine
         return

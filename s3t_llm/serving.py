@@ -823,7 +823,12 @@ class Gateway:
 
     # ----- deletion + retraining ------------------------------------------------------------------
     def served(self) -> dict:
-        """What is really served (Backend protocol): the routing table and the engine's own adapter list."""
+        """What is really served (Backend protocol): the routing table and the engine's own adapter list, read
+        together (under the switch lock, so never in the middle of a switch)."""
+        with self._switch_lock:
+            return self._served_locked()
+
+    def _served_locked(self) -> dict:
         with self._cond:
             routing = {s: (e["name"] if e else None) for s, e in self.routing.items()}
         ids = dict(self.server.ids)
@@ -1224,13 +1229,32 @@ class Gateway:
             from .ledger import LedgerError
             from .records import RecordError, load_sample_ids
 
+            import uuid
+
+            rid = body.get("request_id") or uuid.uuid4().hex  # chosen before journaling: a failure can be traced
+
+            def journaled() -> bool:
+                try:
+                    with self.run.ledger() as led:
+                        return led.request(rid).status != "applied"
+                except LedgerError:
+                    return False
+
             try:
                 ids = load_sample_ids(body["ids"]) if isinstance(body["ids"], list) else None
                 if ids is None:
                     return err(400, "'ids' must be a list of sample ids")
-                cert = await asyncio.to_thread(self.delete, ids, body.get("request_id"))
-            except (LedgerError, RecordError) as e:
-                return err(400, str(e), "InvalidDeletion")
+                cert = await asyncio.to_thread(self.delete, ids, rid)
+            except Exception as e:  # noqa: BLE001 - every failure gets a truthful answer
+                short = f"{type(e).__name__}: {str(e)[:300]}"
+                if await asyncio.to_thread(journaled):
+                    return err(503, f"request {rid} is journaled (its samples are deleted in the ledger) but not yet "
+                                    f"applied ({short}); it completes on a retry with the same request_id, with the "
+                                    "next deletion, or when the server restarts", "deletion_pending")
+                if isinstance(e, (LedgerError, RecordError)):
+                    return err(400, str(e)[:500], "InvalidDeletion")
+                logger.exception("deletion %s failed before it was journaled", rid)
+                return err(503, f"deletion failed before it was journaled ({short}); nothing changed", "deletion_failed")
             return {"request_id": cert["request_id"], "noop": cert["noop"],
                     "newly_deleted": len(cert["newly_deleted"]), "served_changes": cert["served_changes"],
                     "dead_shards": cert["dead_shards"], "deletion_to_effect_seconds": cert["deletion_to_effect_seconds"],

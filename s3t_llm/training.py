@@ -205,7 +205,7 @@ class StageTrainer:
             for _, p in ps:
                 p.requires_grad_(True)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".trainer-", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=out_dir.parent))
         try:
             out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, "full fine-tune")
             staging = tmp / "adapter"
@@ -247,7 +247,7 @@ class StageTrainer:
                 p.requires_grad_(b == k)
         frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
 
-        tmp = Path(tempfile.mkdtemp(prefix=".trainer-", dir=run.dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=run.dir))
         try:
             out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}")
         finally:

@@ -575,8 +575,7 @@ def unlearn(run_dir: str | Path, sample_ids: list[str], method: str, **kwargs) -
 def _unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: int | None = None,
              alpha: float = 0.3, variant: str = "mean", epochs: float = 1.0, lr: float | None = None,
              batch_size: int | None = None, beta: float = 0.1, topk_frac: float = 0.1, seed: int = 0,
-             out_name: str | None = None, precision: str | None = None,
-             forget_records: dict[str, dict] | None = None) -> Path:
+             out_name: str | None = None, precision: str | None = None) -> Path:
     """Approximately unlearn ``sample_ids`` from the adapter a shard serves; save the result as a PEFT adapter.
 
     **This gives NO guarantee** that the samples' influence is gone (see the module docstring); use
@@ -590,9 +589,8 @@ def _unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: 
     ids must be in it and in the served adapter's training data. Retain set = the live samples of the adapter's
     slices minus the forget ids. ``lr``/``batch_size`` default to the run's ``train.*``; ``epochs`` counts passes
     over the retain set (DEL) or over the forget set (the gradient baselines).
-    Raises ``UnknownSampleError`` for ids the ledger does not know. A forget id that is already deleted has no
-    text in the run any more (erasure): pass its record in ``forget_records`` (e.g. from the user's own file);
-    it is checked against the ledger's tombstone (keyed HMAC) and used in memory only.
+    Raises ``UnknownSampleError`` for ids the ledger does not know. An id that is already deleted (exactly) is no
+    longer in any served adapter, so there is nothing to unlearn for it (and its text is erased).
     """
     t_start = time.perf_counter()
     if method not in METHODS:
@@ -622,19 +620,10 @@ def _unlearn(run_dir: str | Path, sample_ids: list[str], method: str, *, shard: 
     forget_by_id = {}
     with run.ledger() as led:
         for sl in src["prefix"]:
-            for sid, rec in led.slice_samples(DATASET, shard, sl, include_deleted=True):
+            for sid, rec in led.slice_samples(DATASET, shard, sl):  # live: the served adapter trained on them
                 if sid in forget_set:
                     forget_by_id[sid] = rec
             retain.extend(rec for sid, rec in led.slice_samples(DATASET, shard, sl) if sid not in forget_set)
-        for sid in [s for s in ids if forget_by_id.get(s) is None]:
-            rec = (forget_records or {}).get(sid)
-            if rec is None:
-                raise ValueError(f"sample {sid!r} is deleted and its text was erased from the run; pass its record "
-                                 "(forget_records / --forget-file) to unlearn it approximately")
-            if not led.tombstone_matches(DATASET, sid, rec):
-                raise ValueError(f"the record given for {sid!r} is not the deleted sample (its keyed HMAC differs "
-                                 "from the ledger's tombstone)")
-            forget_by_id[sid] = rec
     model, tok = load_adapter_model(run, src["tensors"], src["layers"], precision)
     forget_ex = [to_example(forget_by_id[s], tpl, tok) for s in ids]
     retain_ex = [to_example(r, tpl, tok) for r in retain]

@@ -255,6 +255,7 @@ def drive(tmp_path: Path, seed: int, steps: int, monkeypatch) -> tuple[Counter, 
                 ok = True
             except (BackendFault, CrashPoint, RuntimeError):
                 ok = False
+                assert fault != "none", f"{where}: a deletion failed with no fault injected"
             finally:
                 monkeypatch.delenv("S3T_CRASH_AT", raising=False)
                 h.engine.fail_next.clear()
@@ -287,8 +288,13 @@ def drive(tmp_path: Path, seed: int, steps: int, monkeypatch) -> tuple[Counter, 
                 man = h.trainer.finish(job)
                 assert not (set(man["sample_ids"]) & deleted), f"{where}: a block derived from a deleted id was written"
                 actions["train-written"] += 1
-            except StaleStageError:
-                assert set(job["ids"]) & deleted or True  # refused: stale data or a replaced parent
+            except StaleStageError:  # refused: what it read is no longer current (new deletions or a new parent)
+                now = {str(sl): h_ for (s_, sl), h_ in run.slice_hashes().items() if s_ == job["shard"]
+                       and sl in job["prefix"]}
+                parent_now = (run.store.manifest(job["shard"], job["prefix"][:-1])["sha256"]
+                              if len(job["prefix"]) > 1 and run.store.has_block(job["shard"], job["prefix"][:-1])
+                              else None)
+                assert now != job["hashes"] or parent_now != job["parent_sha256"], f"{where}: refused a current stage"
                 actions["train-refused-stale"] += 1
         elif r < 0.86:  # an approximate-unlearning job reads the served adapter of a shard
             e = h.gw.routing.get(rng.randrange(run.shards))
@@ -400,7 +406,7 @@ def test_recovery_after_a_later_request_destroyed_the_old_plans_blocks(served):
     h.engine.fail_next["load"] = 1
     with pytest.raises(BackendFault):
         h.gw.delete([victim(run, 0, seq[2])], request_id="old")
-    # a later deletion (offline-style, no backend) destroys the blocks the old plan names
+    # a later deletion destroys the blocks the old plan names
     h.gw.delete([victim(run, 0, seq[0])], request_id="later")
     h.restart()  # `no block for shard 0 prefix ...` used to make this fail for ever
     with run.ledger() as led:
@@ -706,3 +712,21 @@ def test_background_retraining_finishes_picks_up_new_dead_shards_and_restarts_st
     assert any(1 in c for c in calls)
     assert all(e is not None for e in gw.routing.values())
     assert verify_run(run.dir)["problems"] == []
+
+
+def test_a_record_in_training_and_held_out_data_is_deleted_from_both_under_a_secret_key(tmp_path):
+    import stat
+
+    recs = records(24)
+    run = make_fake_run(tmp_path, recs, heldout=[recs[5]])  # the same record (same id) in both datasets
+    h = Harness(run)
+    h.trainer.train_missing()
+    h.gw.refresh("t")
+    h.gw.delete([recs[5]["id"]])
+    with run.ledger() as led:
+        assert led.is_deleted(DATASET, recs[5]["id"]) and led.is_deleted(HELDOUT, recs[5]["id"])
+        key = led.tombstone_key
+    assert bytes_hold_deleted(run.dir, [recs[5]]) == []
+    kf = Path(str(run.ledger_path) + ".tombstone-key")
+    assert kf.read_text().strip() == key and stat.S_IMODE(kf.stat().st_mode) == 0o600
+    assert key.encode() not in run.ledger_path.read_bytes()  # a copy of the database alone confirms nothing

@@ -27,7 +27,7 @@ from tests.test_training import make_cfg  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = alpaca_prompt("Describe a sunset.")
-LONG = 1000
+LONG = 3500  # far longer than the test waits (max_model_len 4096), so all four are still running at the deletion
 
 
 @pytest.fixture(scope="module")
