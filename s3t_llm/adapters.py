@@ -208,15 +208,15 @@ class AdapterStore:
     def clean_staging(self) -> int:
         """Remove staging directories whose owner process is dead (never a live job's); returns how many."""
         n = 0
-        for base in (self.blocks_dir, self.adapters_dir, self.root / "unlearned"):
-            if base.exists():
-                for p in list(base.rglob(".staging-*")):
-                    if not staging_owner_alive(p):
-                        shutil.rmtree(p, ignore_errors=True)
-                        n += 1
-                for p in list(base.rglob(".trash-*")):  # what a killed removal left (never in use)
+        for pattern in ("blocks/shard*/.staging-*", "adapters/.staging-*", "unlearned/.staging-*"):
+            for p in list(self.root.glob(pattern)):
+                if not staging_owner_alive(p):
                     shutil.rmtree(p, ignore_errors=True)
                     n += 1
+        for pattern in ("blocks/shard*/.trash-*", "adapters/.trash-*", "unlearned/.trash-*"):
+            for p in list(self.root.glob(pattern)):  # what a killed removal left (never in use)
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
         return n
 
     # ----- prefix adapters ------------------------------------------------------------------------

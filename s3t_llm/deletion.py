@@ -167,8 +167,9 @@ def destroy(run: Run, artifacts: list[dict]) -> list[dict]:
 def sweep_trash(run: Run) -> int:
     """Remove what a killed destroy left in `.trash-*` directories; returns how many."""
     n = 0
-    for base in (run.store.blocks_dir, run.store.adapters_dir, run.dir / "unlearned"):
-        for t in list(base.rglob(".trash-*")) if base.exists() else []:
+    # Known depths only (no recursive walk: other threads rename directories under it concurrently).
+    for pattern in ("blocks/shard*/.trash-*", "adapters/.trash-*", "unlearned/.trash-*"):
+        for t in list(run.dir.glob(pattern)):
             shutil.rmtree(t, ignore_errors=True)
             n += 1
     return n

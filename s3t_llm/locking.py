@@ -65,6 +65,25 @@ def holders(run_dir: str | Path) -> list[dict]:
     return out
 
 
+def exclusively_held(run_dir: str | Path) -> bool:
+    """Whether some process holds the run lock exclusively now (a server, or an offline deletion): asked of the
+    kernel's lock itself, not of the holders' description files."""
+    f = Path(run_dir) / LOCK_FILE
+    if not f.exists():
+        return False
+    if os.path.realpath(run_dir) in _held:
+        return ROLES[_held[os.path.realpath(run_dir)].role] == fcntl.LOCK_EX
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _describe(h: dict, run_dir: Path) -> str:
     if h.get("role") == "serve":
         return (f"run {run_dir} is served by `s3t serve` (pid {h['pid']}, gateway {h.get('url', '?')}); "

@@ -54,8 +54,11 @@ class Report:
 
 def _files(root: Path):
     for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.is_symlink() and p.stat().st_size <= _MAX_SCAN:
-            yield p
+        try:
+            if p.is_file() and not p.is_symlink() and p.stat().st_size <= _MAX_SCAN:
+                yield p
+        except FileNotFoundError:  # removed while we walked (a live server's work)
+            continue
 
 
 def _records_in(obj):
@@ -157,13 +160,11 @@ def verify_run(run_dir: str | Path, *, certificate: str | None = None, replay: b
         rep.check(exactness.chain_current(man["shard"], man["source_blocks"], snap.blocks, valid),
                   f"unlearned adapter {name}: derived from blocks that are no longer current")
     # A directory without its manifest is invisible to the store: weights could hide there.
-    for base, man_name in ((store.blocks_dir, "manifest.json"), (store.adapters_dir, "s3t_manifest.json"),
-                           (run.dir / "unlearned", "unlearn_manifest.json")):
-        for p in sorted(base.rglob("*")) if base.exists() else []:
+    for pattern, man_name in (("blocks/shard*/*", "manifest.json"), ("adapters/*", "s3t_manifest.json"),
+                              ("unlearned/*", "unlearn_manifest.json")):
+        for p in sorted(run.dir.glob(pattern)):
             if not p.is_dir() or (p.name.startswith(".staging-") and staging_owner_alive(p)):
                 continue  # a live writer's work in progress
-            if base == store.blocks_dir and p.parent == base:  # shard directories
-                continue
             rep.check((p / man_name).exists(), f"{p.relative_to(run.dir)}: a directory without its manifest "
                                                "(leftover of an interrupted write or removal)")
     desired = run.desired_routing(snap)
@@ -214,11 +215,14 @@ def verify_run(run_dir: str | Path, *, certificate: str | None = None, replay: b
     rep.echo(f"erasure: {scanned} text files parsed for records of deleted samples")
 
     # ----- serving ----------------------------------------------------------------------------------------
-    from .locking import holders
+    from .locking import exclusively_held, holders
 
     server = next((h for h in holders(run.dir) if h.get("role") == "serve"), None)
     if server:
         _check_server(run, rep, desired)
+    elif exclusively_held(run.dir):
+        rep.check(False, "the run lock is held exclusively but no live server describes itself: serving could not "
+                         "be checked (an offline deletion in progress, or a server without its description file)")
     else:
         rep.notes.append("no server holds the run: serving not checked")
 

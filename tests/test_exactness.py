@@ -730,3 +730,54 @@ def test_a_record_in_training_and_held_out_data_is_deleted_from_both_under_a_sec
     kf = Path(str(run.ledger_path) + ".tombstone-key")
     assert kf.read_text().strip() == key and stat.S_IMODE(kf.stat().st_mode) == 0o600
     assert key.encode() not in run.ledger_path.read_bytes()  # a copy of the database alone confirms nothing
+
+
+def test_a_trainer_thread_racing_deletions_never_stores_a_block_of_deleted_data(served):
+    """Real threads: one trains stages in a loop (begin, then write through Run.write_block) while another
+    deletes through the gateway; the writer lock makes every write see the ledger as of its own check."""
+    import threading
+
+    from s3t_llm.locking import writer_lock
+    from s3t_llm.run import StaleStageError
+
+    h, run = served, served.run
+    stop, written, refused, bad = threading.Event(), [0], [0], []
+
+    def trainer():
+        t = FakeTrainer(run)
+        t.trained = h.trainer.trained  # one lineage record
+        while not stop.is_set():
+            for shard, prefix in [(s, tuple(q[:k])) for s in range(run.shards) for q in run.sequences
+                                  for k in range(1, len(q) + 1)]:
+                if (shard, prefix) in exactness.valid_blocks(run.block_manifests(), run.slice_hashes()):
+                    continue  # like train_run: only missing or stale stages are trained
+                job = t.begin(shard, prefix)
+                if not job or not job["ids"]:
+                    continue
+                try:
+                    man = t.finish(job)
+                    with run.ledger() as led:
+                        gone = set(man["sample_ids"]) & led.deleted_ids(DATASET)
+                    if gone and (shard, prefix) in exactness.valid_blocks(run.block_manifests(), run.slice_hashes()):
+                        bad.append((shard, prefix, gone))
+                    written[0] += 1
+                except (StaleStageError, FileNotFoundError, Exception):  # noqa: B014 - a parent destroyed meanwhile
+                    refused[0] += 1
+
+    th = threading.Thread(target=trainer)
+    th.start()
+    try:
+        rng = random.Random(7)
+        for i in range(12):
+            with run.ledger() as led:
+                pool = [sid for s in range(run.shards) for sl in range(run.config.s3t.slices)
+                        for sid, _ in led.slice_samples(DATASET, s, sl)]
+            h.gw.delete([rng.choice(pool)], request_id=f"race-{i}")
+            with writer_lock(run.dir):  # a consistent view: no write in flight while the invariants are read
+                check_invariants(h, {r["id"]: r for r in records(36)}, f"race {i}", reconciled=False)
+    finally:
+        stop.set()
+        th.join(60)
+    assert bad == [] and written[0] > 0 and refused[0] >= 0
+    h.gw.refresh("end")
+    check_invariants(h, {r["id"]: r for r in records(36)}, "race end")
