@@ -203,14 +203,28 @@ class Run:
             return led.slice_hashes(DATASET)
 
     def block_manifests(self) -> dict:
-        store = self.store
-        return {(s, p): store.manifest(s, p) for s, p in store.blocks()}
+        """Every stored block's manifest (a block removed while this reads is simply absent: writers hold the
+        writer lock, readers without it may race a removal)."""
+        from .adapters import StoreError
+
+        store, out = self.store, {}
+        for s, p in store.blocks():
+            try:
+                out[(s, p)] = store.manifest(s, p)
+            except (StoreError, FileNotFoundError):
+                pass
+        return out
 
     def snapshot(self) -> "Snapshot":
         """The inputs of the exactness rule, read now: slice hashes (ledger), block, adapter and derived
         (approximately unlearned) manifests (store)."""
         store = self.store
-        adapters = {n: store.adapter_manifest(n) for n in store.adapters()}
+        adapters = {}
+        for n in store.adapters():
+            try:
+                adapters[n] = store.adapter_manifest(n)
+            except FileNotFoundError:  # removed while this reads
+                pass
         derived = {}
         for mf in sorted((self.dir / "unlearned").glob("*/unlearn_manifest.json")):
             man = json.loads(mf.read_text())

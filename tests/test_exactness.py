@@ -736,7 +736,9 @@ def test_a_trainer_thread_racing_deletions_never_stores_a_block_of_deleted_data(
     """Real threads: one trains stages in a loop (begin, then write through Run.write_block) while another
     deletes through the gateway; the writer lock makes every write see the ledger as of its own check."""
     import threading
+    import time
 
+    from s3t_llm.adapters import StoreError
     from s3t_llm.locking import writer_lock
     from s3t_llm.run import StaleStageError
 
@@ -751,17 +753,17 @@ def test_a_trainer_thread_racing_deletions_never_stores_a_block_of_deleted_data(
                                   for k in range(1, len(q) + 1)]:
                 if (shard, prefix) in exactness.valid_blocks(run.block_manifests(), run.slice_hashes()):
                     continue  # like train_run: only missing or stale stages are trained
-                job = t.begin(shard, prefix)
-                if not job or not job["ids"]:
-                    continue
                 try:
+                    job = t.begin(shard, prefix)
+                    if not job or not job["ids"]:
+                        continue
                     man = t.finish(job)
                     with run.ledger() as led:
                         gone = set(man["sample_ids"]) & led.deleted_ids(DATASET)
                     if gone and (shard, prefix) in exactness.valid_blocks(run.block_manifests(), run.slice_hashes()):
                         bad.append((shard, prefix, gone))
                     written[0] += 1
-                except (StaleStageError, FileNotFoundError, Exception):  # noqa: B014 - a parent destroyed meanwhile
+                except (StaleStageError, StoreError, FileNotFoundError):  # stale, or a parent destroyed meanwhile
                     refused[0] += 1
 
     th = threading.Thread(target=trainer)
@@ -775,9 +777,12 @@ def test_a_trainer_thread_racing_deletions_never_stores_a_block_of_deleted_data(
             h.gw.delete([rng.choice(pool)], request_id=f"race-{i}")
             with writer_lock(run.dir):  # a consistent view: no write in flight while the invariants are read
                 check_invariants(h, {r["id"]: r for r in records(36)}, f"race {i}", reconciled=False)
+        t_end = time.time() + 60  # let the trainer land writes of current data too (it may lose every race)
+        while written[0] == 0 and time.time() < t_end:
+            time.sleep(0.05)
     finally:
         stop.set()
         th.join(60)
-    assert bad == [] and written[0] > 0 and refused[0] >= 0
+    assert bad == [] and written[0] > 0
     h.gw.refresh("end")
     check_invariants(h, {r["id"]: r for r in records(36)}, "race end")
