@@ -27,7 +27,7 @@ from tests.test_training import make_cfg  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = alpaca_prompt("Describe a sunset.")
-LONG = 3500  # far longer than the test waits (max_model_len 4096), so all four are still running at the deletion
+LONG = 1000
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_acknowledged_deletion_cuts_long_generations_and_the_engine_never_regain
     for t in threads:
         t.start()
     t_start = time.time()
-    while min(len(s) for s in streams) < 5 and time.time() - t_start < 120:
+    while min(len(s) for s in streams) < 2 and time.time() - t_start < 120:
         time.sleep(0.05)
     rate = max(len(s) for s in streams) / (time.time() - t_start)  # tokens/s per stream under this load
     t_wait = time.time()
