@@ -1103,7 +1103,6 @@ class Ledger:
                 live: dict[tuple[int, int], list[str]] = defaultdict(list)
                 n = 0
                 idxs = set()
-                deleted_by: dict[str, set[str]] = defaultdict(set)
                 for sid, idx, shard, sl, chash, text, dreq, hm in con.execute(
                     "SELECT sample_id, idx, shard, slice, content_hash, record_json, "
                     "deleted_request, content_hmac FROM samples WHERE dataset=?",
@@ -1121,8 +1120,6 @@ class Ledger:
                         problems.append(f"{ds}: sample {sid!r} record_json does not match its hash")
                     if dreq is None:
                         live[(shard, sl)].append(chash)
-                    else:
-                        deleted_by[dreq].add(sid)
                 if n != n_samples:
                     problems.append(f"{ds}: {n} samples, datasets.n_samples says {n_samples}")
                 if idxs != set(range(n)):
