@@ -390,6 +390,8 @@ class _Flight:
         self.committed = False  # a complete non-streaming answer that is being sent
         self.task = None  # the upstream task (request, first event, or stream producer)
         self.queue = None
+        self.shard: int | None = None  # for the metrics (bounded labels: shard and depth, never a name)
+        self.depth = 0
         self.stopped = threading.Event()  # set once this relay sends nothing more from its adapter
 
     def wake(self) -> None:
@@ -446,6 +448,9 @@ class Gateway:
         self._monitor: threading.Thread | None = None
         self._checker: threading.Thread | None = None
         self._check_again = False
+        from .metrics import GatewayMetrics
+
+        self.metrics = GatewayMetrics(self)  # GET /metrics (Prometheus text format)
 
     # ----- Backend protocol (used by the deletion module) -----------------------------------------
     def apply_routing(self, routing: dict[int, dict | None], reason: str) -> dict:
@@ -726,6 +731,9 @@ class Gateway:
             self.inflight[target] = self.inflight.get(target, 0) + 1
             if flight is not None:
                 flight.target = target
+                entry = self.routing.get(shard) if shard is not None else None
+                flight.shard = shard
+                flight.depth = entry["depth"] if entry and entry["name"] == target else 0
                 self._flights[flight.id] = flight
             return target, shard
 
@@ -1003,6 +1011,7 @@ class Gateway:
                 return err(503, str(e), "shard_out_of_service", "shard_out_of_service")
             except LookupError as e:
                 return err(404, str(e).strip("'\""), "NotFoundError")
+            self.metrics.request(flight.shard, flight.depth)
             released = []
 
             def release():  # exactly once, whichever of the paths below gets there first
@@ -1048,6 +1057,9 @@ class Gateway:
                 except ValueError:
                     return err(502, f"vLLM answered {r.status_code} with a non-JSON body", "upstream_error",
                                headers=headers)
+                usage = payload.get("usage") if isinstance(payload, dict) else None
+                if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                    self.metrics.generated(flight.shard, flight.depth, usage["completion_tokens"])
                 handed_off = True
                 return Relayed(payload, status_code=r.status_code, headers=headers, on_done=release)
             finally:
@@ -1153,6 +1165,8 @@ class Gateway:
                         return
                     if item is _CUT:
                         continue
+                    if item.startswith(b"data: {") and b'"error"' not in item[:64]:
+                        self.metrics.generated(flight.shard, flight.depth, 1)
                     yield item
                 # Cut: everything yielded so far has been handed to the client; nothing more from this adapter.
                 flight.stopped.set()
@@ -1196,6 +1210,15 @@ class Gateway:
             unhealthy = [r["shard"] for r in rows if r["adapter"] and not r["healthy"]]
             return {"status": "degraded" if unhealthy else "ok", "live_shards": self.live_shards(),
                     "unhealthy_shards": unhealthy, "shards": rows, "checked_at": self.integrity["last_check"]}
+
+        @app.get("/metrics")
+        async def metrics():
+            """Prometheus text format; no token (counts per shard and depth only: see s3t_llm/metrics.py)."""
+            from fastapi.responses import Response
+
+            from .metrics import CONTENT_TYPE
+
+            return Response(await asyncio.to_thread(self.metrics.render), media_type=CONTENT_TYPE)
 
         @app.get("/s3t/state")
         async def state(request: Request):
@@ -1248,13 +1271,18 @@ class Gateway:
             except Exception as e:  # noqa: BLE001 - every failure gets a truthful answer
                 short = f"{type(e).__name__}: {str(e)[:300]}"
                 if await asyncio.to_thread(journaled):
+                    self.metrics.deletion("pending")
                     return err(503, f"request {rid} is journaled (its samples are deleted in the ledger) but not yet "
                                     f"applied ({short}); it completes on a retry with the same request_id, with the "
                                     "next deletion, or when the server restarts", "deletion_pending")
                 if isinstance(e, (LedgerError, RecordError)):
+                    self.metrics.deletion("rejected")
                     return err(400, str(e)[:500], "InvalidDeletion")
+                self.metrics.deletion("failed")
                 logger.exception("deletion %s failed before it was journaled", rid)
                 return err(503, f"deletion failed before it was journaled ({short}); nothing changed", "deletion_failed")
+            self.metrics.deletion("noop" if cert["noop"] else "applied",
+                                  None if cert["noop"] else cert["deletion_to_effect_seconds"])
             return {"request_id": cert["request_id"], "noop": cert["noop"],
                     "newly_deleted": len(cert["newly_deleted"]), "served_changes": cert["served_changes"],
                     "dead_shards": cert["dead_shards"], "deletion_to_effect_seconds": cert["deletion_to_effect_seconds"],

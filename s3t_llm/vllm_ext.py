@@ -18,10 +18,16 @@ later is refused with 503 before it reaches the engine) and answers which of the
 tracks. When both are empty for a retired adapter, vLLM has sent the abort of every request on it to the
 engine core, ahead of any later RPC on the same channel: removing the adapter after that point cannot be
 undone by a running request reloading it from its path.
+
+A cut does not wait for vLLM to notice that the gateway closed the connection (for a stream, vLLM's server
+only notices when it next sends; under load that took up to ~16 s): the middleware runs each flight's handler
+in a task of its own and cancels it when the flight is cut. vLLM's ``AsyncLLM.generate`` aborts its request
+in the engine on ``CancelledError``, so the abort is sent within one event-loop turn of the cut.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -123,6 +129,7 @@ class S3TWorkerExtension:
 # ----- middleware in vLLM's API server --------------------------------------------------------------------
 _CUT: dict[str, float] = {}  # flight id -> when it was cut (refused if it arrives later)
 _ACTIVE: dict[str, int] = {}  # flight id -> HTTP calls of it still inside vLLM
+_TASKS: dict[str, set] = {}  # flight id -> the tasks running its handler (cancelled when it is cut)
 _CUT_TTL = 600.0
 
 
@@ -167,6 +174,8 @@ class S3TMiddleware:
                 cut = []
             for fid in cut:
                 _CUT[str(fid)] = now
+                for task in list(_TASKS.get(str(fid), ())):
+                    task.cancel()  # vLLM aborts the request in the engine on CancelledError
             for fid, t in list(_CUT.items()):
                 if now - t > _CUT_TTL:
                     _CUT.pop(fid, None)
@@ -184,9 +193,31 @@ class S3TMiddleware:
             return await _json_reply(send, 503, {"error": {"message": "request was cut by the S3T gateway",
                                                            "type": "deletion_in_progress", "code": 503}})
         _ACTIVE[fid] = _ACTIVE.get(fid, 0) + 1
+        started = []
+
+        async def tracked_send(message):
+            if message.get("type") == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
+        _TASKS.setdefault(fid, set()).add(task)
         try:
-            return await self.app(scope, receive, send)
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if fid not in _CUT or (me is not None and me.cancelling()):
+                raise  # not our cut: the server itself is cancelling this request
+            if not started:
+                await _json_reply(send, 503, {"error": {"message": "request was cut by the S3T gateway",
+                                                        "type": "deletion_in_progress", "code": 503}})
+            # A cut stream simply ends here: the gateway has stopped relaying it already.
         finally:
+            tasks = _TASKS.get(fid)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    del _TASKS[fid]
             _ACTIVE[fid] -= 1
             if _ACTIVE[fid] <= 0:
                 del _ACTIVE[fid]
