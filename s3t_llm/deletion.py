@@ -249,14 +249,21 @@ def _problems(run: Run, served: dict, evidence: list[dict], desired: dict) -> li
     want = {s: (d or {}).get("name") for s, d in desired.items()}
     if served["routing"] != want:
         bad.append(f"backend routes {served['routing']}, the ledger says {want}")
-    extra = set(served.get("engine_adapters", {})) - {n for n in want.values() if n}
-    if extra:
-        bad.append(f"the engine still holds adapters that are not routed: {sorted(extra)}")
-    missing = {n for n in want.values() if n} - set(served.get("engine_adapters", {}))
-    if served.get("backend") and missing:
-        bad.append(f"the engine lacks routed adapters: {sorted(missing)}")
-    if served.get("engine_unknown_ids"):
-        bad.append(f"the engine holds adapter ids the gateway does not know: {served['engine_unknown_ids']}")
+    # Several replicas: every replica that receives traffic must hold exactly the routed adapters (a fenced
+    # one receives none until it is reconciled to the ledger's routing); one replica: the top-level view.
+    views = [v for v in served.get("replicas") or [served] if v.get("receives_traffic", True)]
+    if served.get("backend") and not views:
+        bad.append("no replica receives traffic")
+    for v in views:
+        where = f"replica {v['replica']}: " if "replica" in v else ""
+        extra = set(v.get("engine_adapters", {})) - {n for n in want.values() if n}
+        if extra:
+            bad.append(f"{where}the engine still holds adapters that are not routed: {sorted(extra)}")
+        missing = {n for n in want.values() if n} - set(v.get("engine_adapters", {}))
+        if served.get("backend") and missing:
+            bad.append(f"{where}the engine lacks routed adapters: {sorted(missing)}")
+        if v.get("engine_unknown_ids"):
+            bad.append(f"{where}the engine holds adapter ids the gateway does not know: {v['engine_unknown_ids']}")
     return bad
 
 

@@ -130,7 +130,7 @@ class VLLMServer:
 
     def __init__(self, model_path: str, *, max_loras: int, max_lora_rank: int, port: int | None = None,
                  max_model_len: int = 1024, log_file: str | Path | None = None, extra_args: list[str] | None = None,
-                 uds: bool | str | None = None, socket_dir: str | Path | None = None):
+                 uds: bool | str | None = None, socket_dir: str | Path | None = None, env: dict | None = None):
         import tempfile
 
         self.model_path = model_path
@@ -139,6 +139,7 @@ class VLLMServer:
         self.max_model_len = max_model_len
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
+        self.env = dict(env or {})  # e.g. CUDA_VISIBLE_DEVICES / VLLM_CPU_OMP_THREADS_BIND of a replica
         self.proc: subprocess.Popen | None = None
         self._socket_dir: Path | None = None
         if uds is None:
@@ -189,7 +190,7 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 600, progress=None) -> None:
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", **self.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Own process group: Ctrl-C in the parent is handled by us, and stop() takes the whole tree down.
@@ -213,6 +214,19 @@ class VLLMServer:
                 progress(time.time() - t0)
             time.sleep(0.5)
         logger.info("vLLM ready at %s after %.1f s", self.uds or self.url, time.time() - t0)
+
+    def restart(self, timeout: float = 600) -> None:
+        """Start a fresh process on the same socket after this one died: the engine holds nothing, so the
+        bookkeeping is cleared (the gateway reconciles the replica before it gets traffic)."""
+        if self.proc and self.proc.poll() is None:
+            raise ServingError("vLLM is still running; stop it first")
+        with self._lock:
+            self.ids.clear()
+            self.paths.clear()
+            self.expected.clear()
+        if self.uds and os.path.exists(self.uds):
+            os.unlink(self.uds)
+        self.start(timeout=timeout)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -390,6 +404,7 @@ class _Flight:
         self.committed = False  # a complete non-streaming answer that is being sent
         self.task = None  # the upstream task (request, first event, or stream producer)
         self.queue = None
+        self.replica = None  # the Replica relaying it
         self.shard: int | None = None  # for the metrics (bounded labels: shard and depth, never a name)
         self.depth = 0
         self.stopped = threading.Event()  # set once this relay sends nothing more from its adapter
@@ -407,15 +422,60 @@ class _Flight:
             self.queue.put_nowait(_CUT)
 
 
-class Gateway:
-    """Routing table + in-flight accounting + deletion API in front of a ``VLLMServer``."""
+def _merge_cuts(cuts: list[dict]) -> dict:
+    """One cut report over the replicas (a single replica's is returned as is)."""
+    if len(cuts) == 1:
+        return cuts[0]
+    out = {"requests": sum(c["requests"] for c in cuts),
+           "relays_stopped_seconds": max(c["relays_stopped_seconds"] for c in cuts),
+           "relays_not_confirmed": sum(c["relays_not_confirmed"] for c in cuts),
+           "engine_quiesced": all(c["engine_quiesced"] for c in cuts),
+           "engine_quiesce_seconds": max((c.get("engine_quiesce_seconds") or 0) for c in cuts)}
+    errors = [c["engine_error"] for c in cuts if "engine_error" in c]
+    if errors:
+        out["engine_error"] = "; ".join(errors)
+    return out
 
-    def __init__(self, run: Run, server: VLLMServer, *, token: str | None = None, dead_shard: str = "none",
-                 drain_timeout: float = 30.0, retrain: bool = False):
+
+class Replica:
+    """One vLLM server behind the gateway. ``fenced`` (a reason) means it gets no traffic until it has been
+    reconciled to the current routing; ``local`` replicas are processes this gateway started (and restarts)."""
+
+    def __init__(self, index: int, server, *, local: bool = False):
+        self.index = index
+        self.server = server
+        self.local = local
+        self.fenced: str | None = None
+        self.fenced_at: float | None = None
+        self.outstanding = 0  # requests relayed to it now (least-outstanding balancing)
+        self.client = None  # the app's AsyncClient to it
+        self.restarts = 0
+        self.reconciles = 0
+        self.fences = 0
+        self.last_error: str | None = None
+
+    def view(self) -> dict:
+        return {"replica": self.index, "up": self.fenced is None, "fenced": self.fenced is not None,
+                "reason": self.fenced, "outstanding": self.outstanding, "restarts": self.restarts,
+                "fences": self.fences, "reconciles": self.reconciles, "last_error": self.last_error}
+
+
+class Gateway:
+    """Routing table + in-flight accounting + deletion API in front of one or more ``VLLMServer`` replicas."""
+
+    def __init__(self, run: Run, server, *, token: str | None = None, dead_shard: str = "none",
+                 drain_timeout: float = 30.0, retrain: bool = False, local_replicas: bool = False):
         if dead_shard not in ("none", "base"):
             raise ValueError(f"dead_shard={dead_shard!r}: use 'none' or 'base'")
         self.run = run
-        self.server = server
+        servers = list(server) if isinstance(server, (list, tuple)) else [server]
+        if not servers:
+            raise ValueError("a gateway needs at least one vLLM server")
+        self.replicas = [Replica(i, s, local=local_replicas) for i, s in enumerate(servers)]
+        self.server = servers[0]  # the primary: its base-model path names the base model for clients
+        self.replica_timeout = 30.0  # seconds a replica may take for one switch step before it is fenced
+        self.reconcile_interval = 2.0  # seconds between attempts to reconcile a fenced replica
+        self._supervisor: threading.Thread | None = None
         self.token = token or secrets.token_urlsafe(24)
         self.dead_shard = dead_shard
         self.drain_timeout = drain_timeout
@@ -461,23 +521,66 @@ class Gateway:
         with self._switch_lock:
             return self._apply_routing_locked(routing, reason)
 
+    def live_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if r.fenced is None]
+
+    def _fence(self, r: Replica, reason: str) -> None:
+        """No traffic to ``r`` until it is reconciled; requests in flight on it are cut (nothing more it
+        produces reaches a client). The supervisor reconciles it (and restarts a local process that died)."""
+        with self._cond:
+            if r.fenced is None:
+                r.fences += 1
+            r.fenced, r.fenced_at, r.last_error = reason, time.time(), reason
+            victims = [f for f in self._flights.values() if f.replica is r and f.cut_reason is None]
+            for f in victims:
+                f.cut_reason = f"replica {r.index} fenced: {reason}"
+                f.wake()
+            self.cut_requests += sum(not f.committed for f in victims)
+        logger.error("replica %d fenced: %s", r.index, reason)
+        self._event({"replica": r.index, "fenced": reason})
+
+    def _step(self, r: Replica, live: list[Replica], what: str, fn):
+        """Run one switch step on replica ``r``; a failure fences it when another replica can take the
+        traffic (with a single replica the failure is the switch's: it raises, the deletion stays journaled)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            others = [x for x in live if x is not r and x.fenced is None]
+            if not others:
+                raise
+            self._fence(r, f"{what} failed: {type(e).__name__}: {str(e)[:200]}")
+            return None
+
     def _apply_routing_locked(self, routing: dict[int, dict | None], reason: str) -> dict:
         t0 = time.perf_counter()
         old = dict(self.routing)
         new_names = {e["name"] for e in routing.values() if e}
         old_names = {e["name"] for e in old.values() if e}
-        if old == routing and set(self.server.ids) == new_names:
+        live = self.live_replicas()
+        if not live:
+            raise ServingError("no vLLM replica can receive traffic (every replica is fenced); nothing switched")
+        if old == routing and all(set(r.server.ids) == new_names for r in live):
             # Nothing served changes: no engine round trips (they queue behind generation steps under load).
             return {"loaded": [], "removed": [], "engine_ids": sorted(self.server.ids.values()),
                     "switch_seconds": 0.0, "total_seconds": round(time.perf_counter() - t0, 4),
-                    "prefix_cache_reset": False, "cut_requests": 0}
+                    "prefix_cache_reset": False, "cut_requests": 0, "replicas": self._replica_report(live, {})}
+        per: dict[int, dict] = {r.index: {"loaded": [], "removed": []} for r in live}
         loaded = []
-        for e in routing.values():
-            if e and e["name"] not in self.server.ids:
-                loaded.append({"name": e["name"], "engine_id": self.server.load(e["name"], e["path"])})
-        # Reconcile, not diff: every adapter the engine holds that the new routing does not serve goes (also one
+        for r in live:
+            def load_all(r=r):
+                for e in routing.values():
+                    if e and e["name"] not in r.server.ids:
+                        item = {"name": e["name"], "engine_id": r.server.load(e["name"], e["path"])}
+                        if len(self.replicas) > 1:
+                            item["replica"] = r.index
+                        per[r.index]["loaded"].append(item)
+                        loaded.append(item)
+            self._step(r, live, "load", load_all)
+        live = self.live_replicas()
+        # Reconcile, not diff: every adapter an engine holds that the new routing does not serve goes (also one
         # whose removal failed in an earlier switch).
-        gone = sorted((old_names | set(self.server.ids)) - new_names)
+        held = set().union(*(set(r.server.ids) for r in live))
+        gone = sorted((old_names | held) - new_names)
         with self._cond:
             self.routing = dict(routing)
             for name in gone:
@@ -486,26 +589,69 @@ class Gateway:
         t_switched = time.perf_counter()
         report = {"loaded": loaded, "removed": [], "cut_requests": len(victims)}
         if gone:
-            report["cut"] = self._await_cut(victims, gone)
-        for name in gone:
-            report["removed"].append(self.server.remove(name))
+            cuts = []
+            for r in live:
+                mine = [f for f in victims if f.replica is r or (f.replica is None and r is live[0])]
+                c = self._await_cut(mine, [n for n in gone if n in r.server.ids or n in old_names], r)
+                per[r.index]["cut"] = c
+                cuts.append(c)
+                if not c["engine_quiesced"] and len(self.live_replicas()) > 1:
+                    self._fence(r, f"vLLM did not confirm the abort of cut requests ({c.get('engine_error')})")
+            report["cut"] = _merge_cuts(cuts)
+            # Flights on a replica fenced meanwhile were cut too: their relays must have stopped as well.
+            alive = set(map(id, self.live_replicas()))
+            for f in victims:
+                if f.replica is not None and id(f.replica) not in alive:
+                    f.stopped.wait(timeout=self.cut_stop_timeout)
+        live = self.live_replicas()
+        for r in live:
+            def remove_all(r=r):
+                for name in gone:
+                    if name in r.server.ids:
+                        item = r.server.remove(name)
+                        if len(self.replicas) > 1:
+                            item = dict(item, replica=r.index)
+                        per[r.index]["removed"].append(item)
+                        report["removed"].append(item)
+            self._step(r, live, "remove", remove_all)
+        live = self.live_replicas()
+        if not live:
+            raise ServingError("every vLLM replica failed the switch; nothing is confirmed")
         if gone:
-            report.update(self._reset_prefix_cache())
+            resets = [self._reset_prefix_cache(r) for r in live]
+            report.update(resets[0])
+            if len(resets) > 1:
+                report["prefix_cache_reset"] = all(x["prefix_cache_reset"] for x in resets)
         else:
             report["prefix_cache_reset"] = False
         # remove() verified each id against the engine's own list (load() read it with the digests): that list
         # is the report's; the digests of every served adapter are checked right after, off the critical path.
-        if report["removed"]:
-            engine_ids = report["removed"][-1]["engine_ids_after"]
-        else:
-            engine_ids = getattr(self.server, "last_engine_ids", None) or sorted(self.server.engine_loras())
+        for r in live:
+            mine = per[r.index]["removed"]
+            if mine:
+                ids = mine[-1]["engine_ids_after"]
+            else:
+                ids = getattr(r.server, "last_engine_ids", None) or sorted(r.server.engine_loras())
+            per[r.index]["engine_ids"] = sorted(ids)
+        engine_ids = per[live[0].index]["engine_ids"]
         self.engine_view.update(ids=sorted(engine_ids), at=time.time())
         report["engine_ids"] = sorted(engine_ids)
+        report["replicas"] = self._replica_report(self.replicas, per)
         report["integrity"] = "checked in the background right after the switch (see /health)"
         self._schedule_check()
         report["switch_seconds"] = round(t_switched - t0, 4)
         report["total_seconds"] = round(time.perf_counter() - t0, 4)
         return report
+
+    def _replica_report(self, replicas, per: dict) -> list[dict]:
+        out = []
+        for r in replicas:
+            row = {"replica": r.index, "receives_traffic": r.fenced is None}
+            if r.fenced is not None:
+                row["fenced"] = r.fenced
+            row.update(per.get(r.index, {}))
+            out.append(row)
+        return out
 
     def _cut_locked(self, names: set[str], reason: str) -> list:
         """Mark every relayed request on ``names`` as cut and wake its relay (call with ``_cond`` held)."""
@@ -517,7 +663,7 @@ class Gateway:
         self.cut_requests += sum(not f.committed for f in victims)
         return victims
 
-    def _await_cut(self, victims: list, names: list[str]) -> dict:
+    def _await_cut(self, victims: list, names: list[str], replica: Replica | None = None) -> dict:
         t0 = time.perf_counter()
         deadline = time.time() + self.cut_stop_timeout
         late = [f.id for f in victims if not f.stopped.wait(timeout=max(0.0, deadline - time.time()))]
@@ -525,15 +671,18 @@ class Gateway:
             self.relay_stop_timeouts += len(late)
             logger.warning("%d cut relays did not confirm within %.1f s", len(late), self.cut_stop_timeout)
         t_relays = time.perf_counter()
-        quiesce = getattr(self.server, "quiesce", None)
-        q = quiesce([f.id for f in victims], names, timeout=self.quiesce_timeout) if quiesce else {"ok": True}
+        quiesce = getattr((replica or self.replicas[0]).server, "quiesce", None)
+        try:
+            q = quiesce([f.id for f in victims], names, timeout=self.quiesce_timeout) if quiesce else {"ok": True}
+        except Exception as e:  # noqa: BLE001 - a replica that does not answer
+            q = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         if not q.get("ok"):
             logger.warning("vLLM did not confirm the abort of cut requests on %s: %s", names, q)
         return {"requests": len(victims), "relays_stopped_seconds": round(t_relays - t0, 4),
                 "relays_not_confirmed": len(late), "engine_quiesced": bool(q.get("ok")),
                 "engine_quiesce_seconds": q.get("seconds"), **({"engine_error": q["error"]} if "error" in q else {})}
 
-    def _reset_prefix_cache(self, tries: int = 1, gap: float = 0.05) -> dict:
+    def _reset_prefix_cache(self, replica: Replica | None = None, tries: int = 1, gap: float = 0.05) -> dict:
         """vLLM refuses the reset while requests hold KV blocks: retry a few times, then keep retrying in the
         background; the report says which happened (a retired adapter's name is never reused, so its cached
         blocks can never be hit again)."""
@@ -541,8 +690,9 @@ class Gateway:
             busy = sum(self.inflight.values())
         if busy:  # vLLM refuses while requests hold KV blocks: do not spend an engine round trip on the switch
             tries = 0
+        srv = (replica or self.replicas[0]).server
         for i in range(1, tries + 1):
-            ok = self.server.reset_prefix_cache()
+            ok = srv.reset_prefix_cache()
             if ok is None or ok:  # None: a backend that does not report
                 self.prefix_cache.update(pending=False, last_success=time.time())
                 return {"prefix_cache_reset": True, "prefix_cache_attempts": i}
@@ -550,17 +700,19 @@ class Gateway:
         self.prefix_cache["attempts"] += tries
         if not self.prefix_cache["pending"]:
             self.prefix_cache["pending"] = True
-            threading.Thread(target=self._reset_prefix_cache_later, name="s3t-prefix-cache", daemon=True).start()
+            threading.Thread(target=self._reset_prefix_cache_later, args=(srv,), name="s3t-prefix-cache",
+                             daemon=True).start()
         why = "vLLM refused while requests run" if tries else f"{busy} requests were running (vLLM refuses then)"
         return {"prefix_cache_reset": False, "prefix_cache_attempts": tries,
                 "prefix_cache_note": f"{why}; retrying in the background (see prefix_cache in /s3t/state)"}
 
-    def _reset_prefix_cache_later(self, limit: float = 120.0) -> None:
+    def _reset_prefix_cache_later(self, srv=None, limit: float = 120.0) -> None:
+        srv = srv or self.server
         t_end = time.time() + limit
         while time.time() < t_end and not self._monitor_stop.is_set():
             try:
                 self.prefix_cache["attempts"] += 1
-                if self.server.reset_prefix_cache() is not False:
+                if srv.reset_prefix_cache() is not False:
                     self.prefix_cache.update(pending=False, last_success=time.time())
                     return
             except Exception as e:  # noqa: BLE001
@@ -572,68 +724,194 @@ class Gateway:
 
     # ----- integrity: what the engine holds is what the gateway serves ----------------------------
     def check_integrity(self, repair: bool = True, retired: list[str] | None = None) -> dict:
-        """Read the engine's adapter ids and the digests of their LoRA tensors (one RPC) and compare them with
-        what the gateway serves: a served adapter missing from the engine, or whose digest differs from the
-        digest of its file, takes its shard out of service, is logged and counted, and (``repair``) is reloaded
-        from its file. Engine ids the gateway does not serve (e.g. a retired adapter regained) are removed."""
+        """Read each engine's adapter ids and the digests of their LoRA tensors (one RPC per replica) and
+        compare them with what the gateway serves: a served adapter missing from the engine, or whose digest
+        differs from the digest of its file, is logged and counted; with one replica it takes its shard out of
+        service and (``repair``) is reloaded from its file; with several, that replica is fenced and reconciled
+        while the others serve. Engine ids the gateway does not serve (e.g. a retired adapter regained) are
+        removed."""
         with self._switch_lock:
-            digests_fn = getattr(self.server, "digests", None)
-            try:
-                engine = digests_fn() if digests_fn else {i: None for i in self.server.engine_loras()}
-                front = self.server.front_end_models()
-            except Exception as e:  # noqa: BLE001
-                self.integrity["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                logger.warning("integrity check failed: %s", self.integrity["last_error"])
-                return {"ok": False, "error": self.integrity["last_error"]}
+            live = self.live_replicas()
+            results = []
+            for r in live:
+                results.append(self._check_replica(r, repair, several=len(live) > 1))
+            if len(results) == 1:
+                return results[0]
+            out = {"ok": all(x["ok"] for x in results), "shards_bad": sorted({s for x in results for s in x.get("shards_bad", [])}),
+                   "engine_unknown_ids": sorted({i for x in results for i in x.get("engine_unknown_ids", [])}),
+                   "replicas": [dict(x, replica=r.index) for r, x in zip(live, results)]}
+            return out
+
+    def _check_replica(self, r: Replica, repair: bool, several: bool) -> dict:
+        srv = r.server
+        digests_fn = getattr(srv, "digests", None)
+        try:
+            engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
+            front = srv.front_end_models()
+        except Exception as e:  # noqa: BLE001
+            self.integrity["last_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            logger.warning("integrity check of replica %d failed: %s", r.index, self.integrity["last_error"])
+            if several:
+                self._fence(r, f"integrity check failed: {self.integrity['last_error']}")
+            return {"ok": False, "error": self.integrity["last_error"]}
+        if r is self.replicas[0] or not several:
             self.engine_view = {"ids": sorted(engine), "digests": dict(engine), "at": time.time()}
-            self.integrity["checks"] += 1
-            self.integrity["last_check"] = time.time()
-            expected = getattr(self.server, "expected", {})
-            health: dict[int, dict] = {}
-            bad: list[tuple[int, dict, str]] = []
+        self.integrity["checks"] += 1
+        self.integrity["last_check"] = time.time()
+        expected = getattr(srv, "expected", {})
+        health: dict[int, dict] = {}
+        bad: list[tuple[int, dict, str]] = []
+        with self._cond:
+            routing = dict(self.routing)
+        for s, e in sorted(routing.items()):
+            if not e:
+                health[s] = {"healthy": False, "reason": "no surviving prefix (needs retraining)", "dead": True}
+                continue
+            lid = srv.ids.get(e["name"])
+            problem = None
+            if lid is None or lid not in engine:
+                problem = "adapter not in the engine's list"
+            elif e["name"] not in front:
+                problem = "adapter not in vLLM's model list"
+            elif engine[lid] is not None and expected.get(e["name"]) and engine[lid] != expected[e["name"]]:
+                problem = "digest of the engine's LoRA tensors differs from the adapter file"
+            health[s] = {"healthy": problem is None, "reason": problem}
+            if problem:
+                bad.append((s, e, problem))
+        served_ids = set(srv.ids.values())
+        strangers = sorted(set(engine) - served_ids)
+        result = {"ok": not bad and not strangers, "shards_bad": [s for s, _, _ in bad],
+                  "engine_unknown_ids": strangers}
+        for s, e, problem in bad:
+            self.integrity["mismatches"] += 1
+            self._event({"shard": s, "adapter": e["name"], "problem": problem, "replica": r.index})
+            logger.error("integrity: replica %d shard %d (%s): %s", r.index, s, e["name"], problem)
+        for lid in strangers:
+            self.integrity["regained_removed"] += 1
+            self._event({"engine_id": lid, "problem": "engine holds an adapter the gateway does not serve",
+                         "replica": r.index})
+            logger.error("integrity: replica %d holds unknown adapter id %d; removing it", r.index, lid)
+        if several:
+            # Several replicas: the others serve while this one is fenced and reconciled (strangers removed,
+            # the right adapters reloaded and checked) by the supervisor.
+            if bad or strangers:
+                self._fence(r, "integrity: " + "; ".join(sorted({p for _, _, p in bad}) |
+                                                          ({"engine holds adapters the gateway does not serve"}
+                                                           if strangers else set())))
+                if repair:
+                    result["repaired"] = [s for s, _, _ in bad] if self.reconcile_replica(r)["ok"] else []
+            return result
+        self.shard_health = health
+        for s, e, problem in bad:
+            with self._cond:
+                self._quarantined.add(s)
+                self._cut_locked({e["name"]}, f"integrity: {problem}")
+        for lid in strangers:
+            if repair:
+                try:
+                    remove = getattr(srv, "remove_engine_id", None)
+                    if remove:
+                        remove(lid)
+                except Exception as ex:  # noqa: BLE001
+                    self.integrity["last_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+        if repair:
+            result["repaired"] = [s for s, e, _ in bad if self._repair(s, e)]
+        return result
+
+    # ----- replicas: fencing, reconciliation, supervision ------------------------------------------
+    def reconcile_replica(self, r: Replica) -> dict:
+        """Bring replica ``r`` to the current routing (what the ledger decides is served): every adapter it
+        holds that is not routed is removed (front end and engine, also ids the gateway never loaded there),
+        every routed adapter is (re)loaded and its digest checked, the prefix cache is reset. Only then is the
+        replica unfenced. Returns {"ok", ...}; a failure leaves it fenced."""
+        with self._switch_lock:
+            srv = r.server
             with self._cond:
                 routing = dict(self.routing)
-            for s, e in sorted(routing.items()):
-                if not e:
-                    health[s] = {"healthy": False, "reason": "no surviving prefix (needs retraining)", "dead": True}
+            want = {e["name"]: e["path"] for e in routing.values() if e}
+            t0 = time.perf_counter()
+            try:
+                if r.fenced is None:
+                    self._fence(r, "being reconciled")
+                # Requests still relayed to it were cut when it was fenced; wait until vLLM tracks none on it.
+                quiesce = getattr(srv, "quiesce", None)
+                if quiesce:
+                    with self._cond:
+                        mine = [f.id for f in self._flights.values() if f.replica is r]
+                    quiesce(mine, sorted(set(srv.ids) - set(want)), timeout=self.quiesce_timeout)
+                front = srv.front_end_models()
+                for name in sorted(set(srv.ids) - set(want)):
+                    srv.remove(name)
+                for name in sorted(front - set(srv.ids) - {srv.model_path}):  # loaded behind our back
+                    srv.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+                digests_fn = getattr(srv, "digests", None)
+                engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
+                remove_id = getattr(srv, "remove_engine_id", None)
+                for lid in sorted(set(engine) - set(srv.ids.values())):
+                    if remove_id:
+                        remove_id(lid)
+                expected = getattr(srv, "expected", {})
+                for name, path in sorted(want.items()):
+                    lid = srv.ids.get(name)
+                    if lid is not None and (lid not in engine or
+                                            (engine.get(lid) and expected.get(name) and engine[lid] != expected[name])):
+                        srv.remove(name)  # wrong weights under the name, or the engine lost it: load afresh
+                    if name not in srv.ids:
+                        srv.load(name, path)
+                engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
+                problems = [n for n in want if srv.ids.get(n) not in engine or
+                            (engine.get(srv.ids[n]) and expected.get(n) and engine[srv.ids[n]] != expected[n])]
+                strangers = sorted(set(engine) - set(srv.ids.values()))
+                if problems or strangers or set(srv.ids) != set(want):
+                    raise ServingError(f"after reconciling, adapters wrong {problems}, unknown ids {strangers}")
+                for _ in range(3):
+                    if srv.reset_prefix_cache() is not False:
+                        break
+                    time.sleep(0.05)
+            except Exception as e:  # noqa: BLE001
+                r.last_error = f"reconcile: {type(e).__name__}: {str(e)[:200]}"
+                logger.warning("replica %d not reconciled: %s", r.index, r.last_error)
+                return {"ok": False, "error": r.last_error}
+            with self._cond:
+                r.fenced = r.fenced_at = None
+            r.reconciles += 1
+            self._event({"replica": r.index, "reconciled": True})
+            logger.warning("replica %d reconciled to the current routing in %.2f s", r.index, time.perf_counter() - t0)
+            return {"ok": True, "seconds": round(time.perf_counter() - t0, 4), "engine_ids": sorted(engine)}
+
+    def supervise_once(self) -> None:
+        """Restart local replicas whose process died (fenced first) and reconcile fenced replicas."""
+        for r in self.replicas:
+            proc = getattr(r.server, "proc", None)
+            if r.local and proc is not None and proc.poll() is not None:
+                if r.fenced is None or not r.fenced.startswith("process exited"):
+                    self._fence(r, f"process exited with code {proc.returncode}")
+                try:
+                    r.server.restart()
+                    r.restarts += 1
+                except Exception as e:  # noqa: BLE001
+                    r.last_error = f"restart: {type(e).__name__}: {str(e)[:200]}"
+                    logger.warning("replica %d did not restart: %s", r.index, r.last_error)
                     continue
-                lid = self.server.ids.get(e["name"])
-                problem = None
-                if lid is None or lid not in engine:
-                    problem = "adapter not in the engine's list"
-                elif e["name"] not in front:
-                    problem = "adapter not in vLLM's model list"
-                elif engine[lid] is not None and expected.get(e["name"]) and engine[lid] != expected[e["name"]]:
-                    problem = "digest of the engine's LoRA tensors differs from the adapter file"
-                health[s] = {"healthy": problem is None, "reason": problem}
-                if problem:
-                    bad.append((s, e, problem))
-            served_ids = set(self.server.ids.values())
-            strangers = sorted(set(engine) - served_ids)
-            self.shard_health = health
-            result = {"ok": not bad and not strangers, "shards_bad": [s for s, _, _ in bad],
-                      "engine_unknown_ids": strangers}
-            for s, e, problem in bad:
-                self.integrity["mismatches"] += 1
-                self._event({"shard": s, "adapter": e["name"], "problem": problem})
-                logger.error("integrity: shard %d (%s): %s; taking it out of service", s, e["name"], problem)
-                with self._cond:
-                    self._quarantined.add(s)
-                    self._cut_locked({e["name"]}, f"integrity: {problem}")
-            for lid in strangers:
-                self.integrity["regained_removed"] += 1
-                self._event({"engine_id": lid, "problem": "engine holds an adapter the gateway does not serve"})
-                logger.error("integrity: engine holds unknown adapter id %d; removing it", lid)
-                if repair:
-                    try:
-                        remove = getattr(self.server, "remove_engine_id", None)
-                        if remove:
-                            remove(lid)
-                    except Exception as ex:  # noqa: BLE001
-                        self.integrity["last_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
-            if repair:
-                result["repaired"] = [s for s, e, _ in bad if self._repair(s, e)]
-            return result
+            if r.fenced is not None:
+                self.reconcile_replica(r)
+
+    def start_supervisor(self) -> None:
+        if self._supervisor and self._supervisor.is_alive():
+            return
+
+        def loop():
+            while not self._monitor_stop.wait(self.reconcile_interval):
+                try:
+                    self.supervise_once()
+                except Exception:  # noqa: BLE001
+                    logger.exception("replica supervision failed")
+
+        self._supervisor = threading.Thread(target=loop, name="s3t-replicas", daemon=True)
+        self._supervisor.start()
+
+    def replica_states(self) -> list[dict]:
+        return [r.view() for r in self.replicas]
 
     def _schedule_check(self) -> None:
         """Run check_integrity in a background thread now (one at a time; a request made while one runs makes
@@ -728,8 +1006,11 @@ class Gateway:
         ServiceUnavailable(msg) for a shard taken out of service."""
         with self._cond:
             target, shard = self._route_locked(model, body, shard_header)
+            replica = self._pick_replica(target)
+            replica.outstanding += 1
             self.inflight[target] = self.inflight.get(target, 0) + 1
             if flight is not None:
+                flight.replica = replica
                 flight.target = target
                 entry = self.routing.get(shard) if shard is not None else None
                 flight.shard = shard
@@ -775,11 +1056,22 @@ class Gateway:
             raise LookupError(f"adapter {shown} was retired ({self.retired[model]})")
         raise LookupError(f"model {shown!r} is not served; see GET /v1/models")
 
+    def _pick_replica(self, target: str) -> Replica:
+        """Least outstanding requests among the replicas that receive traffic and hold ``target`` (the shard
+        routing of a prompt never depends on the replicas). Call with ``_cond`` held."""
+        base = target == self.server.model_path
+        ok = [r for r in self.replicas if r.fenced is None and (base or target in r.server.ids)]
+        if not ok:
+            raise ServiceUnavailable("no vLLM replica can serve this request now (fenced or being reconciled)")
+        return min(ok, key=lambda r: (r.outstanding, r.index))
+
     def _exit(self, name: str, flight=None) -> None:
         with self._cond:
             self.inflight[name] -= 1
             if flight is not None:
                 self._flights.pop(flight.id, None)
+                if flight.replica is not None:
+                    flight.replica.outstanding -= 1
             self._cond.notify_all()
 
     # ----- state ----------------------------------------------------------------------------------
@@ -813,6 +1105,7 @@ class Gateway:
                   "slices": self.run.config.s3t.slices, "shards": shards,
                   "deletions_applied": len(applied), "deletions_pending": len(pending),
                   "retraining": retrain["running"], "integrity_checked_at": self.integrity["last_check"],
+                  "replicas": [{"replica": r.index, "up": r.fenced is None} for r in self.replicas],
                   "detail": "full" if full else "public (send Authorization: Bearer <token> for full detail)"}
         if not full:
             return public
@@ -822,7 +1115,7 @@ class Gateway:
                 "engine_read_at": self.engine_view["at"],
                 "engine_digests_match": {n: (self.engine_view["digests"].get(i) == getattr(self.server, "expected", {}).get(n))
                                          for n, i in self.server.ids.items()},
-                "inflight": inflight, "cut_requests": self.cut_requests,
+                "inflight": inflight, "cut_requests": self.cut_requests, "replicas": self.replica_states(),
                 "relay_stop_timeouts": self.relay_stop_timeouts, "integrity": integ,
                 "prefix_cache": dict(self.prefix_cache), "retrain_status": retrain,
                 "deletions_applied": [{"request_id": r.request_id, "n_ids": len(r.sample_ids),
@@ -837,13 +1130,36 @@ class Gateway:
             return self._served_locked()
 
     def _served_locked(self) -> dict:
+        """Per replica that receives traffic, its engine's own adapter list; a fenced replica is listed as such
+        (it receives no traffic until reconciled). With several replicas, one that cannot answer is fenced
+        here; the top-level ``engine_adapters`` is the first live replica's (the certificate checks each)."""
         with self._cond:
             routing = {s: (e["name"] if e else None) for s, e in self.routing.items()}
-        ids = dict(self.server.ids)
-        engine = self.server.engine_loras()
-        return {"backend": "vllm", "url": self.server.url, "routing": routing,
-                "engine_adapters": {n: i for n, i in sorted(ids.items()) if i in engine},
-                "engine_unknown_ids": sorted(engine - set(ids.values()))}
+        views = []
+        for r in self.replicas:
+            if r.fenced is not None:
+                views.append({"replica": r.index, "receives_traffic": False, "fenced": r.fenced})
+                continue
+            ids = dict(r.server.ids)
+            try:
+                engine = r.server.engine_loras()
+            except Exception as e:  # noqa: BLE001
+                if len(self.live_replicas()) <= 1:
+                    raise
+                self._fence(r, f"engine list unreadable: {type(e).__name__}: {str(e)[:200]}")
+                views.append({"replica": r.index, "receives_traffic": False, "fenced": r.fenced})
+                continue
+            views.append({"replica": r.index, "receives_traffic": True,
+                          "engine_adapters": {n: i for n, i in sorted(ids.items()) if i in engine},
+                          "engine_unknown_ids": sorted(engine - set(ids.values()))})
+        live = [v for v in views if v["receives_traffic"]]
+        first = live[0] if live else {"engine_adapters": {}, "engine_unknown_ids": []}
+        out = {"backend": "vllm", "url": self.server.url, "routing": routing,
+               "engine_adapters": first["engine_adapters"],
+               "engine_unknown_ids": sorted({i for v in live for i in v["engine_unknown_ids"]})}
+        if len(self.replicas) > 1:
+            out["replicas"] = views
+        return out
 
     def delete(self, ids: list[str], request_id: str | None = None) -> dict:
         """Apply one deletion request through this server (the run's one writer), then complete any
@@ -908,10 +1224,11 @@ class Gateway:
         from fastapi.responses import JSONResponse, StreamingResponse
 
         app = FastAPI(title="s3t gateway")
-        if hasattr(self.server, "async_client"):
-            client = self.server.async_client(timeout=httpx.Timeout(600.0))
-        else:
-            client = httpx.AsyncClient(base_url=self.server.url, timeout=httpx.Timeout(600.0))
+        for r in self.replicas:
+            if hasattr(r.server, "async_client"):
+                r.client = r.server.async_client(timeout=httpx.Timeout(600.0))
+            else:
+                r.client = httpx.AsyncClient(base_url=r.server.url, timeout=httpx.Timeout(600.0))
         limit = self.max_body_bytes
 
         def err(status: int, message: str, typ: str = "invalid_request_error", code=None, headers=None):
@@ -1033,6 +1350,7 @@ class Gateway:
                     resp = await relay_stream(path, content, fwd, flight, target, headers, release)
                     handed_off = isinstance(resp, RelayedStream)
                     return resp
+                client = flight.replica.client
                 task = asyncio.ensure_future(client.post(path, content=content, headers=fwd))
                 flight.task = task
                 if flight.cut_reason:
@@ -1081,6 +1399,7 @@ class Gateway:
 
         async def relay_stream(path, content, fwd, flight, target, headers, release):
             async def open_stream():
+                client = flight.replica.client
                 return await client.send(client.build_request("POST", path, content=content, headers=fwd),
                                          stream=True)
 
@@ -1296,7 +1615,9 @@ class Gateway:
         @app.on_event("shutdown")
         async def _close():
             self.stop_monitor()
-            await client.aclose()
+            for r in self.replicas:
+                if r.client is not None:
+                    await r.client.aclose()
 
         return app
 

@@ -20,9 +20,15 @@ engine core, ahead of any later RPC on the same channel: removing the adapter af
 undone by a running request reloading it from its path.
 
 A cut does not wait for vLLM to notice that the gateway closed the connection (for a stream, vLLM's server
-only notices when it next sends; under load that took up to ~16 s): the middleware runs each flight's handler
-in a task of its own and cancels it when the flight is cut. vLLM's ``AsyncLLM.generate`` aborts its request
-in the engine on ``CancelledError``, so the abort is sent within one event-loop turn of the cut.
+only notices when it next sends; under load that took up to ~16 s). The middleware acts on the cut itself:
+- a request whose response has not started (non-streaming, or a stream not yet begun): the request's
+  ``receive`` channel delivers ``http.disconnect`` at once, which is what vLLM's ``with_cancellation`` waits
+  for: it cancels its handler, and ``AsyncLLM.generate`` aborts the request in the engine on CancelledError.
+  (Cancelling the handler from outside would not do: ``with_cancellation`` runs the real handler in a task of
+  its own, which a cancelled wrapper leaves running.)
+- a stream in progress: its task is cancelled; the stream's generator gets CancelledError and vLLM aborts.
+- either way, nothing more is sent for the flight (``send`` raises OSError, which is how ASGI servers report
+  a closed connection).
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ class S3TWorkerExtension:
 # ----- middleware in vLLM's API server --------------------------------------------------------------------
 _CUT: dict[str, float] = {}  # flight id -> when it was cut (refused if it arrives later)
 _ACTIVE: dict[str, int] = {}  # flight id -> HTTP calls of it still inside vLLM
-_TASKS: dict[str, set] = {}  # flight id -> the tasks running its handler (cancelled when it is cut)
+_LIVE: dict[str, list] = {}  # flight id -> the _Call objects of its HTTP calls inside vLLM
 _CUT_TTL = 600.0
 
 
@@ -153,6 +159,47 @@ async def _json_reply(send, status: int, obj) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_CUT_REPLY = {"error": {"message": "request was cut by the S3T gateway", "type": "deletion_in_progress", "code": 503}}
+
+
+class _Call:
+    """One HTTP call of a flight inside vLLM: its ASGI channels, wrapped so that a cut takes effect at once."""
+
+    def __init__(self, receive, send):
+        self._receive, self._send = receive, send
+        self.task = None
+        self.started = False  # the response has started (a stream in progress)
+        self.is_cut = False
+        self._cut = asyncio.Event()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        self._cut.set()  # a pending receive() answers http.disconnect (vLLM's with_cancellation aborts)
+        if self.started and self.task is not None and not self.task.done():
+            self.task.cancel()  # a stream in progress: its generator gets CancelledError, vLLM aborts
+
+    async def receive(self):
+        if self.is_cut:
+            return {"type": "http.disconnect"}
+        recv = asyncio.ensure_future(self._receive())
+        stop = asyncio.ensure_future(self._cut.wait())
+        try:
+            done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if recv in done:
+            return recv.result()
+        recv.cancel()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message):
+        if self.is_cut:
+            raise OSError("request was cut by the S3T gateway")
+        if message.get("type") == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class S3TMiddleware:
     def __init__(self, app):
         self.app = app
@@ -174,8 +221,8 @@ class S3TMiddleware:
                 cut = []
             for fid in cut:
                 _CUT[str(fid)] = now
-                for task in list(_TASKS.get(str(fid), ())):
-                    task.cancel()  # vLLM aborts the request in the engine on CancelledError
+                for call in list(_LIVE.get(str(fid), ())):
+                    call.cut()
             for fid, t in list(_CUT.items()):
                 if now - t > _CUT_TTL:
                     _CUT.pop(fid, None)
@@ -190,34 +237,29 @@ class S3TMiddleware:
         if fid is None:
             return await self.app(scope, receive, send)
         if fid in _CUT:
-            return await _json_reply(send, 503, {"error": {"message": "request was cut by the S3T gateway",
-                                                           "type": "deletion_in_progress", "code": 503}})
+            return await _json_reply(send, 503, _CUT_REPLY)
         _ACTIVE[fid] = _ACTIVE.get(fid, 0) + 1
-        started = []
-
-        async def tracked_send(message):
-            if message.get("type") == "http.response.start":
-                started.append(True)
-            await send(message)
-
-        task = asyncio.ensure_future(self.app(scope, receive, tracked_send))
-        _TASKS.setdefault(fid, set()).add(task)
+        call = _Call(receive, send)
+        call.task = asyncio.ensure_future(self.app(scope, call.receive, call.send))
+        _LIVE.setdefault(fid, []).append(call)
         try:
-            return await task
-        except asyncio.CancelledError:
+            return await call.task
+        except (asyncio.CancelledError, Exception):
             me = asyncio.current_task()
-            if fid not in _CUT or (me is not None and me.cancelling()):
-                raise  # not our cut: the server itself is cancelling this request
-            if not started:
-                await _json_reply(send, 503, {"error": {"message": "request was cut by the S3T gateway",
-                                                        "type": "deletion_in_progress", "code": 503}})
+            if not call.is_cut or (me is not None and me.cancelling()):
+                raise  # not our cut: a real error, or the server itself is cancelling this request
+            if not call.started:
+                try:
+                    await _json_reply(send, 503, _CUT_REPLY)
+                except OSError:  # the gateway has closed the connection already
+                    pass
             # A cut stream simply ends here: the gateway has stopped relaying it already.
         finally:
-            tasks = _TASKS.get(fid)
-            if tasks is not None:
-                tasks.discard(task)
-                if not tasks:
-                    del _TASKS[fid]
+            calls = _LIVE.get(fid)
+            if calls is not None:
+                calls.remove(call)
+                if not calls:
+                    del _LIVE[fid]
             _ACTIVE[fid] -= 1
             if _ACTIVE[fid] <= 0:
                 del _ACTIVE[fid]
