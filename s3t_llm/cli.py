@@ -111,7 +111,7 @@ def cmd_serve(args) -> int:
     from .serving import serve
 
     serve(args.run, host=args.host, port=args.port, vllm_port=args.vllm_port, dead_shard=args.dead_shard,
-          retrain=args.retrain, token=args.token)
+          retrain=args.retrain, token=args.token, replicas=args.replicas)
     return 0
 
 
@@ -243,6 +243,25 @@ def cmd_unlearn(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .audit import AuditError, audit_run, format_report, load_ids_and_records
+
+    try:
+        ids, given = load_ids_and_records(args.ids, args.data)
+        res = audit_run(args.run, ids, given, unseen=args.unseen, oracle=args.oracle, k=args.k, n_boot=args.n_boot,
+                        seed=args.seed, max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
+                        echo=print)
+    except AuditError as e:
+        print(f"s3t audit: error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_report(res))
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=1))
+        print(f"\naudit: {Path(args.output).resolve()}")
+    return 0
+
+
 # ----- demo (the main job) --------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -286,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what a shard with no surviving prefix serves (default: nothing)")
     sp.add_argument("--retrain", action="store_true", help="retrain dead shards in the background")
     sp.add_argument("--token", help="deletion API token (default: a random one, written to serve.json)")
+    sp.add_argument("--replicas", type=int, default=1,
+                    help="vLLM replicas behind the gateway (one per GPU, or disjoint CPU cores); a deletion is "
+                         "acknowledged when every replica that receives traffic has applied it")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("delete", help="delete samples from a serving run (ids, or a JSON/JSONL/text file of ids)")
@@ -332,6 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float)
     sp.add_argument("--name", help="name of the new adapter")
     sp.set_defaults(func=cmd_unlearn)
+
+    sp = sub.add_parser("audit", help="unlearning audit of what a run serves: membership attacks (loss, zlib, Min-K%%, "
+                                      "Min-K%%++, reference) as AUCs, PrivLeak and forget quality against an oracle, "
+                                      "verbatim memorisation (offline: transformers + PEFT)")
+    sp.add_argument("run")
+    sp.add_argument("--ids", required=True, metavar="FILE",
+                    help="ids to audit (JSON, JSONL or text), or records with their 'id' (the deleted samples' text)")
+    sp.add_argument("--data", metavar="FILE", help="JSON/JSONL records keyed by 'id': the text of deleted samples "
+                                                   "(the ledger erased it)")
+    sp.add_argument("--unseen", type=int, default=64, help="never-seen held-out records of the run's ledger (non-members)")
+    sp.add_argument("--oracle", metavar="RUN", help="a run retrained without these samples on the same plan "
+                                                    "(adds PrivLeak and forget quality)")
+    sp.add_argument("--k", type=float, default=0.2, help="Min-K%% and Min-K%%++ fraction of tokens")
+    sp.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-new-tokens", type=int, default=128, help="cap of the greedy completions (verbatim)")
+    sp.add_argument("--no-generate", action="store_true", help="skip the greedy completions (verbatim memorisation)")
+    sp.add_argument("--output", metavar="FILE.json", help="write the full result (ids and numbers only) here")
+    sp.set_defaults(func=cmd_audit)
 
     sp = sub.add_parser("experiment", help="experiments: deletion-stream (quality, latency, audit vs deletions)")
     esub = sp.add_subparsers(dest="experiment", required=True)

@@ -795,9 +795,9 @@ class Gateway:
             # Several replicas: the others serve while this one is fenced and reconciled (strangers removed,
             # the right adapters reloaded and checked) by the supervisor.
             if bad or strangers:
-                self._fence(r, "integrity: " + "; ".join(sorted({p for _, _, p in bad}) |
-                                                          ({"engine holds adapters the gateway does not serve"}
-                                                           if strangers else set())))
+                problems = {p for _, _, p in bad} | ({"engine holds adapters the gateway does not serve"}
+                                                     if strangers else set())
+                self._fence(r, "integrity: " + "; ".join(sorted(problems)))
                 if repair:
                     result["repaired"] = [s for s, _, _ in bad] if self.reconcile_replica(r)["ok"] else []
             return result
@@ -1063,7 +1063,9 @@ class Gateway:
         ok = [r for r in self.replicas if r.fenced is None and (base or target in r.server.ids)]
         if not ok:
             raise ServiceUnavailable("no vLLM replica can serve this request now (fenced or being reconciled)")
-        return min(ok, key=lambda r: (r.outstanding, r.index))
+        self._rr = (getattr(self, "_rr", -1) + 1) % len(self.replicas)  # ties go round-robin
+        n = len(self.replicas)
+        return min(ok, key=lambda r: (r.outstanding, (r.index - self._rr) % n))
 
     def _exit(self, name: str, flight=None) -> None:
         with self._cond:
@@ -1661,23 +1663,52 @@ def stop_server(proc: subprocess.Popen, timeout: float = 90) -> None:
             proc.kill()
 
 
+def replica_envs(n: int) -> list[dict]:
+    """Per replica: its GPU (``CUDA_VISIBLE_DEVICES``) on a GPU machine with at least ``n`` GPUs, else a disjoint
+    set of this process's cores (``VLLM_CPU_OMP_THREADS_BIND``)."""
+    if n < 1:
+        raise ValueError(f"replicas must be at least 1 (got {n})")
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        gpus = 0
+    if gpus:
+        if gpus < n:
+            raise ServingError(f"{n} replicas need {n} GPUs; this machine has {gpus}")
+        return [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(n)]
+    if n == 1:
+        return [{}]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < n:
+        raise ServingError(f"{n} CPU replicas need at least {n} cores; this process may use {len(cpus)}")
+    per = len(cpus) // n
+    return [{"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus[i * per:(i + 1) * per]))} for i in range(n)]
+
+
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_port: int | None = None,
           dead_shard: str = "none", retrain: bool = False, token: str | None = None,
-          ready_callback=None) -> None:
+          ready_callback=None, replicas: int = 1) -> None:
     """``s3t serve``: start vLLM, recover pending deletions, load adapters, run the gateway until Ctrl-C."""
     import uvicorn
 
     from .deletion import recover
     from .locking import acquire
 
+    if vllm_port is not None and replicas != 1:
+        raise ServingError("--vllm-port serves one replica on a TCP port; use it with --replicas 1")
+    envs = replica_envs(replicas)
     run = Run.open(run_dir)
     # One gateway per run: while this lock is held, `delete --offline`, `train` and `unlearn` refuse.
     run_lock = acquire(run.dir, "serve", url=f"http://{host}:{port}")
     m = run.shards
-    server = VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
-                        port=vllm_port, max_model_len=max(512, run.config.data.max_length * 2),
-                        log_file=run.dir / "vllm.log")
-    gw = Gateway(run, server, token=token, dead_shard=dead_shard, retrain=retrain)
+    servers = [VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
+                          port=vllm_port, max_model_len=max(512, run.config.data.max_length * 2),
+                          log_file=run.dir / ("vllm.log" if replicas == 1 else f"vllm-{i}.log"), env=envs[i])
+               for i in range(replicas)]
+    server = servers[0]
+    gw = Gateway(run, servers, token=token, dead_shard=dead_shard, retrain=retrain, local_replicas=True)
     serve_file = run.dir / SERVE_FILE
     stop = threading.Event()
 
@@ -1690,7 +1721,9 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
         if vllm_port is not None:
             print("[s3t] WARNING: --vllm-port puts vLLM's admin surface on a TCP port every local user can reach; "
                   "without it vLLM listens on a private Unix socket", flush=True)
-        print(f"[s3t] starting vLLM on {server.uds or server.url} (log: {server.log_file})", flush=True)
+        for i, srv in enumerate(servers):
+            bind = " ".join(f"{k}={v}" for k, v in srv.env.items())
+            print(f"[s3t] starting vLLM replica {i} on {srv.uds or srv.url} {bind} (log: {srv.log_file})", flush=True)
         last = [0.0]
 
         def progress(elapsed):
@@ -1698,7 +1731,22 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                 last[0] = elapsed
                 print(f"[s3t] waiting for vLLM ... {elapsed:.0f} s", flush=True)
 
-        server.start(progress=progress)
+        errors: list[BaseException] = []
+
+        def start(srv, report):
+            try:
+                srv.start(progress=report)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        starters = [threading.Thread(target=start, args=(srv, progress if i == 0 else None), daemon=True)
+                    for i, srv in enumerate(servers)]
+        for t in starters:
+            t.start()
+        for t in starters:
+            t.join()
+        if errors:
+            raise errors[0]
         # Finish journaled requests before anything is served: each reconciles with the ledger as it is now
         # (a stored plan is never replayed) and certifies what this engine really serves afterwards.
         done = recover(run, backend=gw)
@@ -1716,12 +1764,14 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"url": url, "token": gw.token, "pid": os.getpid(), "vllm_socket": server.uds,
+                       "replicas": [{"replica": i, "vllm_socket": srv.uds, "env": srv.env} for i, srv in enumerate(servers)],
                        "vllm_url": None if server.uds else server.url,
                        "started_at": time.time(), "adapters": report["loaded"]}, f, indent=2)
         os.replace(tmp, serve_file)
         config = uvicorn.Config(gw.app(), host=host, port=port, log_level="warning")
         userver = uvicorn.Server(config)
         print(f"[s3t] ready: gateway {url} (model '{run.config.name}'), deletion token in {serve_file}", flush=True)
+        gw.start_supervisor()  # restarts a replica whose process dies, reconciles fenced ones
         if ready_callback:
             ready_callback(gw)
         userver.run()
@@ -1731,7 +1781,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
         signal.signal(signal.SIGTERM, old)
         print("[s3t] stopping vLLM", flush=True)
         gw.stop_monitor()
-        server.stop()
+        for srv in servers:
+            srv.stop()
         if serve_file.exists():
             serve_file.unlink()
         run_lock.release()
