@@ -89,6 +89,10 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guarantees", action="store_true",
                     help="only the serving-guarantees comparison (cut vs drain, idle and under load); see guarantees_bench")
     ap.add_argument("--load-tokens", type=int, default=64, help="--guarantees: tokens per load request")
+    ap.add_argument("--replicas-bench", action="store_true",
+                    help="only the replicas comparison (1 vs 2 vLLM replicas, idle and under load) and the latency "
+                         "the gateway adds per request; see replicas_bench")
+    ap.add_argument("--overhead-requests", type=int, default=100, help="--replicas-bench: pairs for the added latency")
     ap.add_argument("--g-deletions", type=int, default=8, help="--guarantees: deletions per cell")
     ap.add_argument("--g-rounds", type=int, default=1, help="--guarantees: rounds of the four cells")
     ap.add_argument("--render", default=None, metavar="JSON",
@@ -572,7 +576,7 @@ def _drain_first(gw, server):
     def no_cut(names, reason):
         return []
 
-    def drain(victims, names):
+    def drain(victims, names, replica=None):
         t0 = time.perf_counter()
         deadline = time.time() + gw.drain_timeout
         with gw._cond:
@@ -789,6 +793,181 @@ def guarantees_report(args, run, results, command, ready, total) -> str:
     return "\n".join(out)
 
 
+# ----- replicas (issue 14): deletion-to-effect with 1 and 2 vLLM replicas; what the gateway adds per request ---
+def replicas_bench(args) -> int:
+    """Two vLLM replicas (disjoint cores) started once; cells interleaved: a gateway over replica 0 only, then
+    over both, idle and under load, each on a fresh copy of the same run. Then the latency the gateway adds
+    per request: the same 1-token completion on the same adapter, through the gateway and straight to vLLM's
+    socket, interleaved."""
+    import httpx
+    import uvicorn
+
+    from s3t_llm.prompts import render_prompt
+    from s3t_llm.run import DATASET
+    from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs
+
+    t_start = time.perf_counter()
+    command = ".venv/bin/python benchmarks/deletion_latency.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.model == "tiny":
+        from s3t_llm.models import build_tiny_llama
+        from s3t_llm.paths import alpaca_path
+        from s3t_llm.records import load_records
+
+        tiny = runs / "tiny-llama-model"
+        if not (tiny / "config.json").exists():
+            recs = load_records(alpaca_path())[:400]
+            build_tiny_llama(tiny, corpus=[r["instruction"] + " " + r["input"] + " " + r["output"] for r in recs],
+                             num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
+        args.model = str(tiny)
+    pristine = build_run(args)
+    prompts = [render_prompt(r, "alpaca") for r in pristine.heldout()] or ["Give three tips for staying healthy."]
+    servers = [VLLMServer(pristine.model_path, max_loras=2 * pristine.shards + 2, max_lora_rank=pristine.config.lora.r,
+                          max_model_len=max(512, pristine.config.data.max_length * 2),
+                          log_file=runs / f"replicas-vllm-{i}.log", env=env) for i, env in enumerate(replica_envs(2))]
+    t0 = time.perf_counter()
+    for srv in servers:  # from this thread (vLLM's parent-death signal follows the launching thread)
+        srv.launch()
+    for srv in servers:
+        srv.wait_ready()
+    ready = time.perf_counter() - t0
+    log(f"2 vLLM replicas ready after {ready:.0f} s")
+    results, overhead = [], {}
+    try:
+        for rnd in range(args.g_rounds):
+            for load in ("idle", "load"):
+                for n in (1, 2):
+                    work = copy_run(pristine.dir, runs / f"{pristine.dir.name}.r{n}-{load}")
+                    for srv in servers:
+                        for name in list(srv.ids):
+                            srv.remove(name)
+                    gw = Gateway(work, servers[:n], token="bench-token")
+                    gw.check_interval = gw.reconcile_interval = 3600
+                    gw.refresh("start-up")
+                    port = free_port()
+                    us = uvicorn.Server(uvicorn.Config(gw.app(), host="127.0.0.1", port=port, log_level="warning"))
+                    thr = threading.Thread(target=us.run, daemon=True)
+                    thr.start()
+                    while not us.started:
+                        time.sleep(0.05)
+                    url = f"http://127.0.0.1:{port}"
+                    ctx = multiprocessing.get_context("spawn")
+                    stop, q, codes, proc = ctx.Event(), ctx.Queue(), {}, None
+                    if load == "load":
+                        proc = ctx.Process(target=_load_worker, args=(url, work.config.name, prompts, args.load_clients,
+                                                                      args.load_tokens, stop, q), daemon=True)
+                        proc.start()
+                        time.sleep(4.0)
+                    rows = []
+                    with httpx.Client(base_url=url, timeout=600) as c:
+                        if load == "idle" and n == 1 and rnd == 0:
+                            overhead = _gateway_overhead(c, servers[0], gw, prompts, args.overhead_requests)
+                        for k in range(args.g_deletions):
+                            live = [s for s, e in sorted(gw.routing.items()) if e and e["depth"] > 1]
+                            if not live:
+                                break
+                            s = live[k % len(live)]
+                            e = gw.routing[s]
+                            with work.ledger() as led:
+                                victim = led.slice_samples(DATASET, s, e["prefix"][-1])[0][0]
+                            t1 = time.perf_counter()
+                            r = c.post("/s3t/delete", json={"ids": [victim]}, headers={"Authorization": "Bearer bench-token"})
+                            wall = time.perf_counter() - t1
+                            b = r.json()
+                            sw = b.get("switch_report") or {}
+                            rows.append({"effect": b["deletion_to_effect_seconds"], "http": wall,
+                                         "cut": sw.get("cut_requests", 0), "switch": sw.get("total_seconds"),
+                                         "fenced": sum(1 for x in sw.get("replicas", []) if not x["receives_traffic"])})
+                            log(f"{load}/{n} replica(s) deletion {k + 1}: effect {b['deletion_to_effect_seconds']:.3f} s")
+                            time.sleep(args.gap)
+                    stop.set()
+                    if proc is not None:
+                        codes = q.get(timeout=600)
+                        proc.join(60)
+                    gw.wait_checks()
+                    us.should_exit = True
+                    thr.join(30)
+                    results.append({"round": rnd + 1, "load": load, "replicas": n, "rows": rows, "codes": codes})
+    finally:
+        for srv in servers:
+            srv.stop()
+    total = time.perf_counter() - t_start
+    c = pristine.config
+    out = ["# Deletion-to-effect with 1 and 2 vLLM replicas; the latency the gateway adds (issue 14)", ""]
+    out.append(f"Command: `{command}`  ")
+    out.append(f"Machine: {C.machine()} (2 cores: each replica is bound to one; shared with other jobs, noisy)  ")
+    out.append(f"Date: {datetime.now().strftime('%Y-%m-%d %H:%M')}; total wall {total / 60:.1f} min; "
+               f"2 replicas ready after {ready:.0f} s")
+    out.append("")
+    out.append(f"Run `{c.name}`: m={pristine.shards}, L={c.s3t.slices}, B={len(pristine.sequences)}; every deletion "
+               f"switches an adapter; acknowledged only when every replica that receives traffic has loaded the new "
+               f"adapter, cut and removed the old one. Load: {args.load_clients} clients x {args.load_tokens}-token "
+               f"completions through the gateway. Cells interleaved (idle 1, idle 2, load 1, load 2) x {args.g_rounds}.")
+    out.append("")
+    agg: dict = {}
+    for r in results:
+        a = agg.setdefault((r["load"], r["replicas"]), {"eff": [], "sw": [], "http": [], "cut": 0, "fenced": 0, "codes": {}})
+        a["eff"] += [x["effect"] for x in r["rows"]]
+        a["sw"] += [x["switch"] for x in r["rows"] if x["switch"] is not None]
+        a["http"] += [x["http"] for x in r["rows"]]
+        a["cut"] += sum(x["cut"] for x in r["rows"])
+        a["fenced"] += sum(x["fenced"] for x in r["rows"])
+        for k, v in r["codes"].items():
+            a["codes"][k] = a["codes"].get(k, 0) + v
+    rows = []
+    for (load, n), a in sorted(agg.items()):
+        e = a["eff"]
+        rows.append([load, n, len(e), fmt(pct(e, 50), 3), fmt(pct(e, 99), 3), fmt(pct(a["sw"], 50), 3),
+                     fmt(pct(a["http"], 99), 3), a["cut"], a["fenced"],
+                     ", ".join(f"{k}: {v}" for k, v in sorted(a["codes"].items())) or "-"])
+    out.append(C.md_table(["load", "replicas", "deletions", "effect p50 (s)", "effect p99 (s)", "switch p50 (s)",
+                           "HTTP p99 (s)", "requests cut", "replicas fenced", "load responses"], rows))
+    out.append("")
+    for load in ("idle", "load"):
+        p1, p2 = pct(agg.get((load, 1), {"eff": []})["eff"], 99), pct(agg.get((load, 2), {"eff": []})["eff"], 99)
+        out.append(f"- {load}: effect p99 with 2 replicas / 1 = {fmt(p2 / p1, 2)} (goal <= 1.5)")
+    if overhead:
+        out.append("")
+        out.append(f"Latency the gateway adds per request ({overhead['n']} interleaved pairs, 1-token completion on the "
+                   f"same adapter, idle): vLLM direct p50 {overhead['direct_p50_ms']:.1f} ms / p99 "
+                   f"{overhead['direct_p99_ms']:.1f} ms; through the gateway p50 {overhead['gateway_p50_ms']:.1f} ms / "
+                   f"p99 {overhead['gateway_p99_ms']:.1f} ms; added p50 {overhead['added_p50_ms']:.1f} ms, p99 "
+                   f"{overhead['added_p99_ms']:.1f} ms.")
+    out.append("")
+    out.append("Throughput with 2 replicas against 1 is not claimed here: 2 cores cannot show scaling (each replica "
+               "gets one core). Not measured: multi-node, GPU replicas.")
+    md = "\n".join(out)
+    print("\n" + md)
+    dst = Path(args.out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(md + "\n")
+    dst.with_suffix(".json").write_text(json.dumps({"results": results, "overhead": overhead}, indent=2))
+    log(f"wrote {dst}")
+    return 0
+
+
+def _gateway_overhead(c, server, gw, prompts, n: int) -> dict:
+    """The same 1-token completion on shard 0's adapter, straight to vLLM's socket and through the gateway."""
+    name = gw.routing[0]["name"]
+    direct, via = [], []
+    body = {"model": name, "prompt": prompts[0], "max_tokens": 1, "temperature": 0}
+    for _ in range(5):  # warm-up
+        server.client.post("/v1/completions", json=body)
+        c.post("/v1/completions", json=body)
+    for _ in range(n):
+        t = time.perf_counter()
+        assert server.client.post("/v1/completions", json=body).status_code == 200
+        direct.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        assert c.post("/v1/completions", json=body).status_code == 200
+        via.append(time.perf_counter() - t)
+    added = [b - a for a, b in zip(direct, via)]
+    return {"n": n, "direct_p50_ms": 1e3 * pct(direct, 50), "direct_p99_ms": 1e3 * pct(direct, 99),
+            "gateway_p50_ms": 1e3 * pct(via, 50), "gateway_p99_ms": 1e3 * pct(via, 99),
+            "added_p50_ms": 1e3 * pct(added, 50), "added_p99_ms": 1e3 * pct(added, 99)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.name is None:
@@ -803,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.guarantees:
         return guarantees_bench(args)
+    if args.replicas_bench:
+        return replicas_bench(args)
     if args.render:
         raw = json.loads(Path(args.render).read_text())
         meta = raw["meta"]

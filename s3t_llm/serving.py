@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 SERVE_FILE = "serve.json"
+# vLLM's uvicorn closes an idle keep-alive connection after 5 s, httpx's default expiry is also 5 s: a reused
+# connection could be reset under our feet ("connection reset by peer" on an admin call). Expire ours first.
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
 
 
 class ServingError(RuntimeError):
@@ -106,6 +109,8 @@ def lora_rank_limit(r: int) -> int:
 
 def _die_with_parent() -> None:
     # Linux: vLLM gets SIGTERM if the s3t process dies, even by SIGKILL (no orphaned server on the port).
+    # PR_SET_PDEATHSIG fires when the THREAD that forked exits: launch vLLM from a thread that lives as long as
+    # the server should (the main thread, or the gateway's supervisor), never from a short-lived helper thread.
     try:
         import ctypes
 
@@ -159,12 +164,13 @@ class VLLMServer:
                 raise ServingError(f"socket directory {d} must be private to uid {os.getuid()} (mode 0700)")
             self.port = None
             self.url = "http://localhost"  # host is only the Host header: the transport is the socket
-            self.client = httpx.Client(base_url=self.url, timeout=120, transport=httpx.HTTPTransport(uds=self.uds))
+            self.client = httpx.Client(base_url=self.url, timeout=120, transport=httpx.HTTPTransport(uds=self.uds,
+                                                                                                     limits=LIMITS))
         else:
             self.uds = None
             self.port = port or free_port()
             self.url = f"http://127.0.0.1:{self.port}"
-            self.client = httpx.Client(base_url=self.url, timeout=120)
+            self.client = httpx.Client(base_url=self.url, timeout=120, limits=LIMITS)
         self.ids: dict[str, int] = {}  # adapter name -> engine integer id
         self.paths: dict[str, str] = {}  # adapter name -> path it was loaded from
         self.expected: dict[str, str] = {}  # adapter name -> digest of its safetensors file (at load time)
@@ -173,8 +179,8 @@ class VLLMServer:
 
     def async_client(self, **kw) -> httpx.AsyncClient:
         """An AsyncClient to vLLM over the same transport (socket or loopback port)."""
-        transport = httpx.AsyncHTTPTransport(uds=self.uds) if self.uds else None
-        return httpx.AsyncClient(base_url=self.url, transport=transport, **kw)
+        transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=LIMITS) if self.uds else None
+        return httpx.AsyncClient(base_url=self.url, transport=transport, limits=LIMITS, **kw)
 
     def command(self) -> list[str]:
         import torch
@@ -190,14 +196,22 @@ class VLLMServer:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 600, progress=None) -> None:
+        self.launch()
+        self.wait_ready(timeout=timeout, progress=progress)
+
+    def launch(self) -> None:
+        """Start the process (from a long-lived thread: see _die_with_parent); :meth:`wait_ready` waits for it."""
         env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", **self.env)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Own process group: Ctrl-C in the parent is handled by us, and stop() takes the whole tree down.
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        self._launched_at = time.time()
+
+    def wait_ready(self, timeout: float = 600, progress=None) -> None:
         where = f"; see {self.log_file}" if self.log_file else ""
-        t0 = time.time()
+        t0 = getattr(self, "_launched_at", None) or time.time()
         while True:
             if self.proc.poll() is not None:
                 self.stop()
@@ -1731,22 +1745,10 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                 last[0] = elapsed
                 print(f"[s3t] waiting for vLLM ... {elapsed:.0f} s", flush=True)
 
-        errors: list[BaseException] = []
-
-        def start(srv, report):
-            try:
-                srv.start(progress=report)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        starters = [threading.Thread(target=start, args=(srv, progress if i == 0 else None), daemon=True)
-                    for i, srv in enumerate(servers)]
-        for t in starters:
-            t.start()
-        for t in starters:
-            t.join()
-        if errors:
-            raise errors[0]
+        for srv in servers:  # launched from this (the main) thread: see _die_with_parent
+            srv.launch()
+        for i, srv in enumerate(servers):  # they boot in parallel
+            srv.wait_ready(progress=progress if i == 0 else None)
         # Finish journaled requests before anything is served: each reconciles with the ledger as it is now
         # (a stored plan is never replayed) and certifies what this engine really serves afterwards.
         done = recover(run, backend=gw)

