@@ -108,10 +108,15 @@ def cmd_status(args) -> int:
 
 # ----- serve / delete -------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from .serving import serve
+    from .serving import serve, vllm_command_for
+
+    if args.print_vllm_command:
+        print(vllm_command_for(args.run, admin_token=args.upstream_token))
+        return 0
 
     serve(args.run, host=args.host, port=args.port, vllm_port=args.vllm_port, dead_shard=args.dead_shard,
-          retrain=args.retrain, token=args.token, replicas=args.replicas)
+          retrain=args.retrain, token=args.token, replicas=args.replicas, upstreams=args.upstream,
+          admin_token=args.upstream_token)
     return 0
 
 
@@ -308,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replicas", type=int, default=1,
                     help="vLLM replicas behind the gateway (one per GPU, or disjoint CPU cores); a deletion is "
                          "acknowledged when every replica that receives traffic has applied it")
+    sp.add_argument("--upstream", nargs="+", metavar="URL",
+                    help="attach vLLM servers started elsewhere (instead of starting local ones); they need the "
+                         "command --print-vllm-command prints and the run directory at the same path")
+    sp.add_argument("--upstream-token", help="admin secret of the --upstream servers (default: $S3T_ADMIN_TOKEN)")
+    sp.add_argument("--print-vllm-command", action="store_true",
+                    help="print the vLLM command line an --upstream server needs, and exit")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("delete", help="delete samples from a serving run (ids, or a JSON/JSONL/text file of ids)")

@@ -180,9 +180,47 @@ class VLLMServer:
     def async_client(self, **kw) -> httpx.AsyncClient:
         """An AsyncClient to vLLM over the same transport (socket or loopback port)."""
         transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=LIMITS) if self.uds else None
-        return httpx.AsyncClient(base_url=self.url, transport=transport, limits=LIMITS, **kw)
+        headers = {"X-S3T-Admin": self.admin_token} if getattr(self, "admin_token", None) else None
+        return httpx.AsyncClient(base_url=self.url, transport=transport, limits=LIMITS, headers=headers, **kw)
 
-    def command(self) -> list[str]:
+    @classmethod
+    def attach(cls, url: str, model_path: str, *, admin_token: str, max_loras: int, max_lora_rank: int,
+               max_model_len: int = 1024) -> "VLLMServer":
+        """A vLLM server started elsewhere (``--upstream URL``): no process of ours; every request carries
+        the admin secret (``X-S3T-Admin``) that its S3T middleware requires. Call :meth:`check_upstream`."""
+        srv = cls(model_path, max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+                  port=1, uds=False)
+        srv.url = url.rstrip("/")
+        srv.port = None
+        srv.admin_token = admin_token
+        srv.client.close()
+        srv.client = httpx.Client(base_url=srv.url, timeout=120, limits=LIMITS,
+                                  headers={"X-S3T-Admin": admin_token})
+        return srv
+
+    def check_upstream(self) -> None:
+        """Refuse an upstream that does not serve this run's base model, lacks the S3T worker extension or
+        middleware, or answers admin paths without the secret."""
+        try:
+            r = httpx.post(self.url + "/s3t/flights", json={}, timeout=10)
+        except httpx.HTTPError as e:
+            raise ServingError(f"upstream {self.url} does not answer ({type(e).__name__})") from e
+        if r.status_code != 403:
+            raise ServingError(f"upstream {self.url} answers its admin paths without the secret (HTTP "
+                               f"{r.status_code} on /s3t/flights): start it with S3T_ADMIN_TOKEN set (see the "
+                               f"command `s3t serve RUN --print-vllm-command` prints)")
+        r = self.client.post("/s3t/flights", json={})
+        if r.status_code != 200:
+            raise ServingError(f"upstream {self.url} refuses our secret or lacks the S3T middleware "
+                               f"(HTTP {r.status_code} on /s3t/flights)")
+        models = self.client.get("/v1/models").json().get("data", [])
+        roots = {m.get("root") or m.get("id") for m in models if not m.get("parent")}
+        if self.model_path not in roots:
+            raise ServingError(f"upstream {self.url} serves {sorted(roots)}, not this run's base model {self.model_path}")
+        self.engine_loras()  # the worker extension answers (raises otherwise)
+
+    def command(self, host: str | None = None, port: int | None = None) -> list[str]:
+        """vLLM's command line; ``host``/``port``: for a server started elsewhere (``--print-vllm-command``)."""
         import torch
 
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
@@ -190,7 +228,10 @@ class VLLMServer:
                "--max-model-len", str(self.max_model_len),
                "--worker-extension-cls", "s3t_llm.vllm_ext.S3TWorkerExtension",
                "--middleware", "s3t_llm.vllm_ext.S3TMiddleware", "--disable-uvicorn-access-log"]
-        cmd += ["--uds", self.uds] if self.uds else ["--host", "127.0.0.1", "--port", str(self.port)]
+        if host is not None:
+            cmd += ["--host", host, "--port", str(port)]
+        else:
+            cmd += ["--uds", self.uds] if self.uds else ["--host", "127.0.0.1", "--port", str(self.port)]
         if not torch.cuda.is_available():
             cmd += ["--dtype", "bfloat16", "--enforce-eager"]
         return cmd + self.extra_args
@@ -1677,6 +1718,23 @@ def stop_server(proc: subprocess.Popen, timeout: float = 90) -> None:
             proc.kill()
 
 
+def vllm_command_for(run_dir: str | Path, host: str = "0.0.0.0", port: int = 8001, admin_token: str | None = None) -> str:
+    """The command line (with its environment) a vLLM server started elsewhere needs to be attached to this
+    run's gateway with ``--upstream``: same base model and LoRA settings, the S3T worker extension and middleware,
+    and the admin secret. The run's adapter directory must be mounted at the same path on that machine."""
+    import shlex
+
+    run = Run.open(run_dir)
+    m = run.shards
+    srv = VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
+                     max_model_len=max(512, run.config.data.max_length * 2), port=port, uds=False)
+    srv.client.close()
+    env = {"S3T_ADMIN_TOKEN": admin_token or "<secret>", "VLLM_SERVER_DEV_MODE": "1",
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    cmd = ["python"] + srv.command(host=host, port=port)[1:]
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(shlex.quote(c) for c in cmd)
+
+
 def replica_envs(n: int) -> list[dict]:
     """Per replica: its GPU (``CUDA_VISIBLE_DEVICES``) on a GPU machine with at least ``n`` GPUs, else a disjoint
     set of this process's cores (``VLLM_CPU_OMP_THREADS_BIND``)."""
@@ -1703,7 +1761,8 @@ def replica_envs(n: int) -> list[dict]:
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_port: int | None = None,
           dead_shard: str = "none", retrain: bool = False, token: str | None = None,
-          ready_callback=None, replicas: int = 1) -> None:
+          ready_callback=None, replicas: int = 1, upstreams: list[str] | None = None,
+          admin_token: str | None = None) -> None:
     """``s3t serve``: start vLLM, recover pending deletions, load adapters, run the gateway until Ctrl-C."""
     import uvicorn
 
@@ -1712,17 +1771,36 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
 
     if vllm_port is not None and replicas != 1:
         raise ServingError("--vllm-port serves one replica on a TCP port; use it with --replicas 1")
-    envs = replica_envs(replicas)
+    if upstreams:
+        if replicas != 1 or vllm_port is not None:
+            raise ServingError("--upstream attaches vLLM servers started elsewhere; it does not combine with "
+                               "--replicas or --vllm-port")
+        admin_token = admin_token or os.environ.get("S3T_ADMIN_TOKEN")
+        if not admin_token:
+            raise ServingError("--upstream needs the admin secret those vLLM servers were started with "
+                               "(--upstream-token or S3T_ADMIN_TOKEN); see --print-vllm-command")
+    envs = replica_envs(replicas) if not upstreams else []
     run = Run.open(run_dir)
     # One gateway per run: while this lock is held, `delete --offline`, `train` and `unlearn` refuse.
     run_lock = acquire(run.dir, "serve", url=f"http://{host}:{port}")
     m = run.shards
-    servers = [VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
-                          port=vllm_port, max_model_len=max(512, run.config.data.max_length * 2),
-                          log_file=run.dir / ("vllm.log" if replicas == 1 else f"vllm-{i}.log"), env=envs[i])
-               for i in range(replicas)]
+    if upstreams:
+        servers = [VLLMServer.attach(u, run.model_path, admin_token=admin_token, max_loras=max(2 * m, 2),
+                                     max_lora_rank=run.config.lora.r,
+                                     max_model_len=max(512, run.config.data.max_length * 2)) for u in upstreams]
+        try:
+            for srv in servers:
+                srv.check_upstream()
+        except ServingError:
+            run_lock.release()
+            raise
+    else:
+        servers = [VLLMServer(run.model_path, max_loras=max(2 * m, 2), max_lora_rank=run.config.lora.r,
+                              port=vllm_port, max_model_len=max(512, run.config.data.max_length * 2),
+                              log_file=run.dir / ("vllm.log" if replicas == 1 else f"vllm-{i}.log"), env=envs[i])
+                   for i in range(replicas)]
     server = servers[0]
-    gw = Gateway(run, servers, token=token, dead_shard=dead_shard, retrain=retrain, local_replicas=True)
+    gw = Gateway(run, servers, token=token, dead_shard=dead_shard, retrain=retrain, local_replicas=not upstreams)
     serve_file = run.dir / SERVE_FILE
     stop = threading.Event()
 
@@ -1746,9 +1824,11 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                 print(f"[s3t] waiting for vLLM ... {elapsed:.0f} s", flush=True)
 
         for srv in servers:  # launched from this (the main) thread: see _die_with_parent
-            srv.launch()
+            if not upstreams:
+                srv.launch()
         for i, srv in enumerate(servers):  # they boot in parallel
-            srv.wait_ready(progress=progress if i == 0 else None)
+            if not upstreams:
+                srv.wait_ready(progress=progress if i == 0 else None)
         # Finish journaled requests before anything is served: each reconciles with the ledger as it is now
         # (a stored plan is never replayed) and certifies what this engine really serves afterwards.
         done = recover(run, backend=gw)
@@ -1784,7 +1864,10 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
         print("[s3t] stopping vLLM", flush=True)
         gw.stop_monitor()
         for srv in servers:
-            srv.stop()
+            if upstreams:
+                srv.client.close()  # attached: started (and stopped) by its owner
+            else:
+                srv.stop()
         if serve_file.exists():
             serve_file.unlink()
         run_lock.release()

@@ -200,13 +200,34 @@ class _Call:
         await self._send(message)
 
 
+ADMIN_HEADER = b"x-s3t-admin"
+ADMIN_ENV = "S3T_ADMIN_TOKEN"
+
+
 class S3TMiddleware:
+    """See the module docstring. With ``S3T_ADMIN_TOKEN`` set in vLLM's environment (a vLLM reachable over
+    TCP, attached with ``s3t serve --upstream``), every path but ``/health`` needs the header
+    ``X-S3T-Admin: <token>``: vLLM's own ``--api-key`` guards only ``/v1``-style paths, not the LoRA
+    load/unload endpoints' siblings ``/collective_rpc``, ``/reset_prefix_cache`` or the dev endpoints."""
+
     def __init__(self, app):
+        import os
+
         self.app = app
+        tok = os.environ.get(ADMIN_ENV)
+        self.admin = tok.encode() if tok else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.admin is not None and scope["path"] != "/health":
+            import hmac
+
+            got = next((v for k, v in scope.get("headers", []) if k == ADMIN_HEADER), b"")
+            if not hmac.compare_digest(got, self.admin):
+                return await _json_reply(send, 403, {"error": {"message": "this vLLM serves an S3T gateway only "
+                                                                          "(X-S3T-Admin header missing or wrong)",
+                                                               "type": "Forbidden", "code": 403}})
         if scope["path"] == "/s3t/flights":
             body = b""
             while True:

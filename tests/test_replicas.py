@@ -175,3 +175,46 @@ def test_a_replica_back_with_stale_adapters_is_reconciled_before_its_first_reque
     assert not res["ok"] and gw2.replicas[1].fenced and gw2.replicas[0].fenced is None
     assert 0 in gw2.live_shards()
     assert gw2.reconcile_replica(gw2.replicas[1])["ok"] and gw2.check_integrity()["ok"]
+
+
+# ----- vLLM servers started elsewhere (--upstream): the admin secret and the checks before attaching ---------
+def test_an_upstream_is_refused_without_admin_protection_or_with_another_model(monkeypatch, trained):
+    from s3t_llm.serving import ServingError, VLLMServer, vllm_command_for
+
+    run = Run.open(trained)
+    cmd = vllm_command_for(run.dir, port=8123, admin_token="s3kret")
+    assert cmd.startswith("S3T_ADMIN_TOKEN=s3kret ") and "--middleware s3t_llm.vllm_ext.S3TMiddleware" in cmd
+    assert "--worker-extension-cls s3t_llm.vllm_ext.S3TWorkerExtension" in cmd and "--port 8123" in cmd
+    assert f"--model {run.model_path}" in cmd and "--enable-lora" in cmd
+
+    def upstream(token):
+        if token:
+            monkeypatch.setenv("S3T_ADMIN_TOKEN", token)
+        else:
+            monkeypatch.delenv("S3T_ADMIN_TOKEN", raising=False)
+        engine = SocketFake()
+        port = free_port()
+        srv, _ = serve_in_thread(fake_vllm_app(engine), host="127.0.0.1", port=port)
+        return srv, f"http://127.0.0.1:{port}"
+
+    # An unprotected vLLM: anyone who reaches it could change what is served. Refused.
+    srv, url = upstream(None)
+    att = VLLMServer.attach(url, run.model_path, admin_token="s3kret", max_loras=4, max_lora_rank=8)
+    with pytest.raises(ServingError, match="without the secret"):
+        att.check_upstream()
+    srv.should_exit = True
+    # A protected one: without the header every admin path is refused (403), with it the middleware lets it pass.
+    srv, url = upstream("s3kret")
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/collective_rpc", "/reset_prefix_cache",
+                 "/s3t/flights", "/v1/completions"):
+        r = httpx.post(url + path, json={"lora_name": "x", "lora_path": "/tmp/x"})
+        assert r.status_code == 403, (path, r.status_code)
+        r = httpx.post(url + path, json={}, headers={"X-S3T-Admin": "wrong"})
+        assert r.status_code == 403
+    assert httpx.get(url + "/health").status_code != 403  # liveness probes need no secret
+    assert httpx.post(url + "/s3t/flights", json={}, headers={"X-S3T-Admin": "s3kret"}).status_code == 200
+    # ... but the fake serves no base model named like the run's: refused, naming both.
+    att = VLLMServer.attach(url, run.model_path, admin_token="s3kret", max_loras=4, max_lora_rank=8)
+    with pytest.raises(ServingError, match="not this run's base model"):
+        att.check_upstream()
+    srv.should_exit = True
