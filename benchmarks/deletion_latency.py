@@ -582,17 +582,19 @@ def _drain_first(gw, server):
         with gw._cond:
             while any(gw.inflight.get(n, 0) > 0 for n in names) and time.time() < deadline:
                 gw._cond.wait(timeout=max(0.0, deadline - time.time()))
-        return {"requests": 0, "drained_seconds": round(time.perf_counter() - t0, 4)}
+        return {"requests": 0, "drained_seconds": round(time.perf_counter() - t0, 4), "engine_quiesced": True,
+                "relays_stopped_seconds": 0.0, "relays_not_confirmed": 0}
 
     gw._cut_locked = no_cut
     gw._await_cut = drain
     gw.check_integrity = lambda *a, **k: {"skipped": True}
     server.digests = lambda ids=None: {i: None for i in server.engine_loras()}
+    server._digests_of_new = lambda known: {i: None for i in server.engine_loras()}
     server.expected_digest = lambda path: None
 
 
 def _restore(server):
-    for k in ("digests", "expected_digest"):
+    for k in ("digests", "_digests_of_new", "expected_digest"):
         server.__dict__.pop(k, None)
 
 
@@ -707,6 +709,8 @@ def guarantees_bench(args) -> int:
                     r = c.post("/s3t/delete", json={"ids": [victim]}, headers={"Authorization": "Bearer bench-token"})
                     wall = time.perf_counter() - t1
                     b = r.json()
+                    if r.status_code != 200:
+                        raise RuntimeError(f"deletion failed: {r.status_code} {r.text[:500]}")
                     sw = b.get("switch_report") or {}
                     rows.append({"effect": b["deletion_to_effect_seconds"], "http": wall,
                                  "changed": bool(b["served_changes"]), "cut": sw.get("cut_requests", 0),
@@ -875,6 +879,8 @@ def replicas_bench(args) -> int:
                             r = c.post("/s3t/delete", json={"ids": [victim]}, headers={"Authorization": "Bearer bench-token"})
                             wall = time.perf_counter() - t1
                             b = r.json()
+                            if r.status_code != 200:
+                                raise RuntimeError(f"deletion failed: {r.status_code} {r.text[:500]}")
                             sw = b.get("switch_report") or {}
                             rows.append({"effect": b["deletion_to_effect_seconds"], "http": wall,
                                          "cut": sw.get("cut_requests", 0), "switch": sw.get("total_seconds"),

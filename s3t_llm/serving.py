@@ -324,6 +324,20 @@ class VLLMServer:
                 out[i] = v["digest"] if out.get(i, v["digest"]) == v["digest"] else "inconsistent"
         return out
 
+    def _digests_of_new(self, known: set[int]) -> dict[int, str | None]:
+        """{engine id: digest} where only ids not in ``known`` are hashed (None for the known ones): one RPC."""
+        results = self._rpc("s3t_lora_digests_new", *[str(i) for i in sorted(known)])
+        out: dict[int, str | None] = {}
+        for worker in results:
+            for i in worker["ids"]:
+                out.setdefault(int(i), None)
+            for k, v in worker["digests"].items():
+                i = int(k)
+                if v.get("dtype") and not self.lora_dtype:
+                    self.lora_dtype = v["dtype"]
+                out[i] = v["digest"] if out.get(i) in (None, v["digest"]) else "inconsistent"
+        return out
+
     def expected_digest(self, path: str | Path) -> str:
         from .vllm_ext import adapter_file_digest
 
@@ -346,7 +360,7 @@ class VLLMServer:
                 raise ServingError(f"vLLM could not load adapter {name}: {r.status_code} {r.text[:300]}")
             # One RPC: the engine's ids with the digests of their tensors. The new id is the one we do not serve
             # yet whose tensors are those of the file (an id we do not know otherwise is left to check_integrity).
-            engine = self.digests()
+            engine = self._digests_of_new(set(self.ids.values()))
             self.last_engine_ids = sorted(engine)
             want = self.expected_digest(path)
             new = [i for i in sorted(set(engine) - set(self.ids.values())) if engine[i] == want]
@@ -594,17 +608,29 @@ class Gateway:
         logger.error("replica %d fenced: %s", r.index, reason)
         self._event({"replica": r.index, "fenced": reason})
 
-    def _step(self, r: Replica, live: list[Replica], what: str, fn):
-        """Run one switch step on replica ``r``; a failure fences it when another replica can take the
-        traffic (with a single replica the failure is the switch's: it raises, the deletion stays journaled)."""
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            others = [x for x in live if x is not r and x.fenced is None]
-            if not others:
-                raise
+    def _each(self, live: list[Replica], what: str, fn) -> dict[int, object]:
+        """Run one switch step ``fn(replica)`` on every replica of ``live`` at once (each replica has its own
+        connection and lock). A replica that fails is fenced while another one succeeded; when every one fails
+        (always so with a single replica) the step's first error is raised: the switch fails, the deletion
+        stays journaled. Returns {replica index: fn's result} for those that succeeded."""
+        if len(live) == 1:
+            return {live[0].index: fn(live[0])}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(live), thread_name_prefix="s3t-replica") as pool:
+            futs = {r.index: (r, pool.submit(fn, r)) for r in live}
+        out, errors = {}, []
+        for i, (r, fut) in futs.items():
+            e = fut.exception()
+            if e is None:
+                out[i] = fut.result()
+            else:
+                errors.append((r, e))
+        if errors and not out:
+            raise errors[0][1]
+        for r, e in errors:
             self._fence(r, f"{what} failed: {type(e).__name__}: {str(e)[:200]}")
-            return None
+        return out
 
     def _apply_routing_locked(self, routing: dict[int, dict | None], reason: str) -> dict:
         t0 = time.perf_counter()
@@ -620,18 +646,17 @@ class Gateway:
                     "switch_seconds": 0.0, "total_seconds": round(time.perf_counter() - t0, 4),
                     "prefix_cache_reset": False, "cut_requests": 0, "replicas": self._replica_report(live, {})}
         per: dict[int, dict] = {r.index: {"loaded": [], "removed": []} for r in live}
-        loaded = []
-        for r in live:
-            def load_all(r=r):
-                for e in routing.values():
-                    if e and e["name"] not in r.server.ids:
-                        item = {"name": e["name"], "engine_id": r.server.load(e["name"], e["path"])}
-                        if len(self.replicas) > 1:
-                            item["replica"] = r.index
-                        per[r.index]["loaded"].append(item)
-                        loaded.append(item)
-            self._step(r, live, "load", load_all)
+        def load_all(r):
+            for e in routing.values():
+                if e and e["name"] not in r.server.ids:
+                    item = {"name": e["name"], "engine_id": r.server.load(e["name"], e["path"])}
+                    if len(self.replicas) > 1:
+                        item["replica"] = r.index
+                    per[r.index]["loaded"].append(item)
+
+        self._each(live, "load", load_all)
         live = self.live_replicas()
+        loaded = [x for r in live for x in per[r.index]["loaded"]]
         # Reconcile, not diff: every adapter an engine holds that the new routing does not serve goes (also one
         # whose removal failed in an earlier switch).
         held = set().union(*(set(r.server.ids) for r in live))
@@ -644,36 +669,39 @@ class Gateway:
         t_switched = time.perf_counter()
         report = {"loaded": loaded, "removed": [], "cut_requests": len(victims)}
         if gone:
-            cuts = []
-            for r in live:
+            def cut(r):
                 mine = [f for f in victims if f.replica is r or (f.replica is None and r is live[0])]
-                c = self._await_cut(mine, [n for n in gone if n in r.server.ids or n in old_names], r)
+                return self._await_cut(mine, [n for n in gone if n in r.server.ids or n in old_names], r)
+
+            cuts = self._each(live, "cut", cut)
+            for r in live:
+                c = cuts[r.index]
                 per[r.index]["cut"] = c
-                cuts.append(c)
                 if not c["engine_quiesced"] and len(self.live_replicas()) > 1:
                     self._fence(r, f"vLLM did not confirm the abort of cut requests ({c.get('engine_error')})")
-            report["cut"] = _merge_cuts(cuts)
+            report["cut"] = _merge_cuts([cuts[r.index] for r in live])
             # Flights on a replica fenced meanwhile were cut too: their relays must have stopped as well.
             alive = set(map(id, self.live_replicas()))
             for f in victims:
                 if f.replica is not None and id(f.replica) not in alive:
                     f.stopped.wait(timeout=self.cut_stop_timeout)
         live = self.live_replicas()
-        for r in live:
-            def remove_all(r=r):
-                for name in gone:
-                    if name in r.server.ids:
-                        item = r.server.remove(name)
-                        if len(self.replicas) > 1:
-                            item = dict(item, replica=r.index)
-                        per[r.index]["removed"].append(item)
-                        report["removed"].append(item)
-            self._step(r, live, "remove", remove_all)
+        def remove_all(r):
+            for name in gone:
+                if name in r.server.ids:
+                    item = r.server.remove(name)
+                    if len(self.replicas) > 1:
+                        item = dict(item, replica=r.index)
+                    per[r.index]["removed"].append(item)
+
+        self._each(live, "remove", remove_all)
         live = self.live_replicas()
+        report["removed"] = [x for r in live for x in per[r.index]["removed"]]
         if not live:
             raise ServingError("every vLLM replica failed the switch; nothing is confirmed")
         if gone:
-            resets = [self._reset_prefix_cache(r) for r in live]
+            done = self._each(live, "prefix cache reset", self._reset_prefix_cache)
+            resets = [done[r.index] for r in live if r.index in done]
             report.update(resets[0])
             if len(resets) > 1:
                 report["prefix_cache_reset"] = all(x["prefix_cache_reset"] for x in resets)

@@ -106,6 +106,14 @@ class S3TWorkerExtension:
         self.remove_lora(int(lora_id))
         return sorted(int(i) for i in self.list_loras())
 
+    def s3t_lora_digests_new(self, *known: str) -> dict:
+        """{"ids": every adapter id this worker holds, "digests": the digests of those NOT in ``known``} in one
+        round trip: what a load needs to identify the new id without hashing every adapter again."""
+        ids = sorted(int(i) for i in self.list_loras())
+        skip = {int(i) for i in known}
+        new = [str(i) for i in ids if i not in skip]
+        return {"ids": ids, "digests": self.s3t_lora_digests(*new) if new else {}}
+
     def s3t_lora_digests(self, *ids: str) -> dict:
         """{adapter id: {"digest", "dtype", "modules"}} for the adapters this worker holds (or only ``ids``)."""
         mgr = self.model_runner.lora_manager._adapter_manager
