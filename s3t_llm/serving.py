@@ -993,6 +993,22 @@ class Gateway:
         self._supervisor = threading.Thread(target=loop, name="s3t-replicas", daemon=True)
         self._supervisor.start()
 
+    def add_upstream(self, url: str, admin_token: str) -> Replica:
+        """Attach a vLLM server started elsewhere: checked (model, S3T extension, admin secret), added fenced,
+        then reconciled to the current routing; it receives traffic only once reconciled."""
+        ref = self.server
+        srv = VLLMServer.attach(url, ref.model_path, admin_token=admin_token, max_loras=getattr(ref, "max_loras", 4),
+                                max_lora_rank=getattr(ref, "max_lora_rank", 8),
+                                max_model_len=getattr(ref, "max_model_len", 1024))
+        srv.check_upstream()
+        with self._switch_lock:
+            r = Replica(len(self.replicas), srv, local=False)
+            r.fenced, r.fenced_at = "attached: being reconciled", time.time()
+            r.client = srv.async_client(timeout=httpx.Timeout(600.0))  # before it can be picked
+            self.replicas.append(r)
+        self.reconcile_replica(r)
+        return r
+
     def replica_states(self) -> list[dict]:
         return [r.view() for r in self.replicas]
 
@@ -1388,6 +1404,10 @@ class Gateway:
                 return err(503, f"adapter {target} was retired ({self.retired[target]}) while this request was "
                                 "in flight; retry with the run name", "deletion_in_progress", "deletion_in_progress",
                            headers=headers)
+            if r.status_code == 404 and target not in self.retired and target != self.server.model_path:
+                # A replica that lost a served adapter (e.g. restarted by its orchestrator): check now, so that it
+                # is fenced and reconciled (several replicas) or the shard repaired (one), not in check_interval.
+                self._schedule_check()
             try:
                 payload = json.loads(data)
             except ValueError:
@@ -1614,6 +1634,25 @@ class Gateway:
             unhealthy = [r["shard"] for r in rows if r["adapter"] and not r["healthy"]]
             return {"status": "degraded" if unhealthy else "ok", "live_shards": self.live_shards(),
                     "unhealthy_shards": unhealthy, "shards": rows, "checked_at": self.integrity["last_check"]}
+
+        @app.post("/s3t/replicas")
+        async def add_replica(request: Request):
+            """Attach a vLLM server started elsewhere at run time (token): ``{"url": ..., "admin_token": ...}``.
+            It is checked like ``--upstream`` and reconciled to the current routing before its first request."""
+            ok = bearer(request)
+            if not ok:
+                return err(401 if ok is None else 403, "this endpoint needs the deletion token", "Unauthorized")
+            body, bad = await read_json(request)
+            if bad is not None:
+                return bad
+            if not isinstance(body, dict) or not isinstance(body.get("url"), str) or \
+                    not isinstance(body.get("admin_token"), str) or not body["url"].startswith(("http://", "https://")):
+                return err(400, 'body must be {"url": "http://host:port", "admin_token": "..."}')
+            try:
+                r = await asyncio.to_thread(self.add_upstream, body["url"], body["admin_token"])
+            except ServingError as e:
+                return err(400, str(e), "UpstreamRefused")
+            return {"replica": r.index, "receives_traffic": r.fenced is None, "reason": r.fenced}
 
         @app.get("/metrics")
         async def metrics():

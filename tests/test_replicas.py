@@ -218,3 +218,14 @@ def test_an_upstream_is_refused_without_admin_protection_or_with_another_model(m
     with pytest.raises(ServingError, match="not this run's base model"):
         att.check_upstream()
     srv.should_exit = True
+
+
+def test_adding_a_replica_at_run_time_needs_the_token_and_a_protected_upstream(gw2):
+    r = post(gw2, "/s3t/replicas", {"url": "http://127.0.0.1:1", "admin_token": "x"})
+    assert r.status_code == 401
+    r = post(gw2, "/s3t/replicas", {"url": "file:///etc", "admin_token": "x"}, headers=TOK)
+    assert r.status_code == 400 and "url" in r.json()["error"]["message"]
+    port = free_port()  # nothing listens there
+    r = post(gw2, "/s3t/replicas", {"url": f"http://127.0.0.1:{port}", "admin_token": "x"}, headers=TOK)
+    assert r.status_code == 400 and "does not answer" in r.json()["error"]["message"]
+    assert len(gw2.replicas) == 2  # nothing was added
