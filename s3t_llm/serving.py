@@ -597,8 +597,7 @@ class Gateway:
         """No traffic to ``r`` until it is reconciled; requests in flight on it are cut (nothing more it
         produces reaches a client). The supervisor reconciles it (and restarts a local process that died)."""
         with self._cond:
-            if r.fenced is None:
-                r.fences += 1
+            r.fences += 1
             r.fenced, r.fenced_at, r.last_error = reason, time.time(), reason
             victims = [f for f in self._flights.values() if f.replica is r and f.cut_reason is None]
             for f in victims:
@@ -615,12 +614,17 @@ class Gateway:
         stays journaled. Returns {replica index: fn's result} for those that succeeded."""
         if len(live) == 1:
             return {live[0].index: fn(live[0])}
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import ThreadPoolExecutor, wait
 
-        with ThreadPoolExecutor(max_workers=len(live), thread_name_prefix="s3t-replica") as pool:
-            futs = {r.index: (r, pool.submit(fn, r)) for r in live}
+        pool = ThreadPoolExecutor(max_workers=len(live), thread_name_prefix="s3t-replica")
+        futs = {r.index: (r, pool.submit(fn, r)) for r in live}
+        wait([f for _, f in futs.values()], timeout=self.replica_timeout)
+        pool.shutdown(wait=False)  # a replica that hangs is fenced below; its thread ends on its own timeout
         out, errors = {}, []
         for i, (r, fut) in futs.items():
+            if not fut.done():
+                errors.append((r, TimeoutError(f"no answer within {self.replica_timeout:.0f} s")))
+                continue
             e = fut.exception()
             if e is None:
                 out[i] = fut.result()
@@ -666,25 +670,34 @@ class Gateway:
             for name in gone:
                 self.retired[name] = reason
             victims = self._cut_locked(set(gone), f"adapter retired: {reason}")
+            # Every relay on a retired adapter must have stopped before the acknowledgement, whoever cut it (a
+            # fence during this switch, or an earlier integrity check, may have cut it already).
+            gone_set = set(gone)
+            pending = [f for f in self._flights.values() if f.target in gone_set and not f.stopped.is_set()]
         t_switched = time.perf_counter()
         report = {"loaded": loaded, "removed": [], "cut_requests": len(victims)}
         if gone:
             def cut(r):
-                mine = [f for f in victims if f.replica is r or (f.replica is None and r is live[0])]
+                mine = [f for f in pending if f.replica is r or (f.replica is None and r is live[0])]
                 return self._await_cut(mine, [n for n in gone if n in r.server.ids or n in old_names], r)
 
             cuts = self._each(live, "cut", cut)
             for r in live:
-                c = cuts[r.index]
+                c = cuts.get(r.index)
+                if c is None:  # that replica was fenced by the step
+                    continue
                 per[r.index]["cut"] = c
                 if not c["engine_quiesced"] and len(self.live_replicas()) > 1:
                     self._fence(r, f"vLLM did not confirm the abort of cut requests ({c.get('engine_error')})")
-            report["cut"] = _merge_cuts([cuts[r.index] for r in live])
-            # Flights on a replica fenced meanwhile were cut too: their relays must have stopped as well.
+            report["cut"] = _merge_cuts([cuts[r.index] for r in live if r.index in cuts])
+            # Relays on replicas fenced meanwhile (not waited for above): one shared deadline.
             alive = set(map(id, self.live_replicas()))
-            for f in victims:
-                if f.replica is not None and id(f.replica) not in alive:
-                    f.stopped.wait(timeout=self.cut_stop_timeout)
+            deadline = time.time() + self.cut_stop_timeout
+            late = [f for f in pending if (f.replica is None or id(f.replica) not in alive)
+                    and not f.stopped.wait(timeout=max(0.0, deadline - time.time()))]
+            if late:
+                self.relay_stop_timeouts += len(late)
+                report["cut"]["relays_not_confirmed"] = report["cut"].get("relays_not_confirmed", 0) + len(late)
         live = self.live_replicas()
         def remove_all(r):
             for name in gone:
@@ -709,6 +722,7 @@ class Gateway:
             report["prefix_cache_reset"] = False
         # remove() verified each id against the engine's own list (load() read it with the digests): that list
         # is the report's; the digests of every served adapter are checked right after, off the critical path.
+        live = self.live_replicas() or live
         for r in live:
             mine = per[r.index]["removed"]
             if mine:
@@ -758,6 +772,8 @@ class Gateway:
         try:
             q = quiesce([f.id for f in victims], names, timeout=self.quiesce_timeout) if quiesce else {"ok": True}
         except Exception as e:  # noqa: BLE001 - a replica that does not answer
+            if len(self.live_replicas()) <= 1:
+                raise  # one replica: the switch fails before any removal (the deletion stays journaled)
             q = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         if not q.get("ok"):
             logger.warning("vLLM did not confirm the abort of cut requests on %s: %s", names, q)
@@ -815,11 +831,23 @@ class Gateway:
         removed."""
         with self._switch_lock:
             live = self.live_replicas()
+            if not live:
+                return {"ok": False, "error": "no vLLM replica receives traffic", "shards_bad": [],
+                        "engine_unknown_ids": []}
             results = []
             for r in live:
-                results.append(self._check_replica(r, repair, several=len(live) > 1))
+                # Decided per replica, now: the last replica that receives traffic is never fenced here.
+                several = r.fenced is None and len(self.live_replicas()) > 1
+                results.append(self._check_replica(r, repair, several=several))
             if len(results) == 1:
                 return results[0]
+            merged: dict[int, dict] = {}
+            for x in results:
+                for sh, h in (x.get("health") or {}).items():
+                    if sh not in merged or not h["healthy"]:
+                        merged[sh] = h
+            if merged:
+                self.shard_health = merged
             out = {"ok": all(x["ok"] for x in results), "shards_bad": sorted({s for x in results for s in x.get("shards_bad", [])}),
                    "engine_unknown_ids": sorted({i for x in results for i in x.get("engine_unknown_ids", [])}),
                    "replicas": [dict(x, replica=r.index) for r, x in zip(live, results)]}
@@ -874,6 +902,7 @@ class Gateway:
             self._event({"engine_id": lid, "problem": "engine holds an adapter the gateway does not serve",
                          "replica": r.index})
             logger.error("integrity: replica %d holds unknown adapter id %d; removing it", r.index, lid)
+        result["health"] = health
         if several:
             # Several replicas: the others serve while this one is fenced and reconciled (strangers removed,
             # the right adapters reloaded and checked) by the supervisor.
@@ -898,7 +927,7 @@ class Gateway:
                 except Exception as ex:  # noqa: BLE001
                     self.integrity["last_error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
         if repair:
-            result["repaired"] = [s for s, e, _ in bad if self._repair(s, e)]
+            result["repaired"] = [s for s, e, _ in bad if self._repair(s, e, r)]
         return result
 
     # ----- replicas: fencing, reconciliation, supervision ------------------------------------------
@@ -916,12 +945,15 @@ class Gateway:
             try:
                 if r.fenced is None:
                     self._fence(r, "being reconciled")
+                fences = r.fences
                 # Requests still relayed to it were cut when it was fenced; wait until vLLM tracks none on it.
                 quiesce = getattr(srv, "quiesce", None)
                 if quiesce:
                     with self._cond:
                         mine = [f.id for f in self._flights.values() if f.replica is r]
-                    quiesce(mine, sorted(set(srv.ids) - set(want)), timeout=self.quiesce_timeout)
+                    q = quiesce(mine, sorted(set(srv.ids) - set(want)), timeout=self.quiesce_timeout)
+                    if not q.get("ok"):  # a running request could reload a retired adapter: stay fenced
+                        raise ServingError(f"vLLM did not confirm the abort of its requests ({q.get('error')})")
                 front = srv.front_end_models()
                 for name in sorted(set(srv.ids) - set(want)):
                     srv.remove(name)
@@ -956,6 +988,8 @@ class Gateway:
                 logger.warning("replica %d not reconciled: %s", r.index, r.last_error)
                 return {"ok": False, "error": r.last_error}
             with self._cond:
+                if r.fences != fences:  # fenced again meanwhile (e.g. its process died): not reconciled
+                    return {"ok": False, "error": f"fenced again while reconciling: {r.fenced}"}
                 r.fenced = r.fenced_at = None
             r.reconciles += 1
             self._event({"replica": r.index, "reconciled": True})
@@ -964,7 +998,9 @@ class Gateway:
 
     def supervise_once(self) -> None:
         """Restart local replicas whose process died (fenced first) and reconcile fenced replicas."""
-        for r in self.replicas:
+        for r in list(self.replicas):
+            if self._monitor_stop.is_set():  # shutting down: restart nothing
+                return
             proc = getattr(r.server, "proc", None)
             if r.local and proc is not None and proc.poll() is not None:
                 if r.fenced is None or not r.fenced.startswith("process exited"):
@@ -1045,24 +1081,27 @@ class Gateway:
         ev["at"] = time.time()
         self.integrity["events"] = (self.integrity["events"] + [ev])[-50:]
 
-    def _repair(self, shard: int, entry: dict) -> bool:
-        """Reload a shard's adapter from its file (same name: its cache entries are dropped first)."""
+    def _repair(self, shard: int, entry: dict, replica: Replica | None = None) -> bool:
+        """Reload a shard's adapter from its file on ``replica`` (the one checked; same name: its cache entries
+        are dropped first)."""
         name = entry["name"]
+        r = replica or self.replicas[0]
+        srv = r.server
         try:
             with self._cond:
-                victims = [f for f in self._flights.values() if f.target == name]
-            self._await_cut(victims, [name])
-            if name in self.server.ids:
+                victims = [f for f in self._flights.values() if f.target == name and f.replica in (r, None)]
+            self._await_cut(victims, [name], r)
+            if name in srv.ids:
                 try:
-                    self.server.remove(name)
+                    srv.remove(name)
                 except ServingError:
-                    self.server.ids.pop(name, None)
-                    getattr(self.server, "expected", {}).pop(name, None)
+                    srv.ids.pop(name, None)
+                    getattr(srv, "expected", {}).pop(name, None)
             for _ in range(3):  # a reload under the same name must not meet cached blocks of the wrong weights
-                if self.server.reset_prefix_cache() is not False:
+                if srv.reset_prefix_cache() is not False:
                     break
                 time.sleep(0.05)
-            self.server.load(name, entry["path"])
+            srv.load(name, entry["path"])
             with self._cond:
                 self._quarantined.discard(shard)
             self.shard_health[shard] = {"healthy": True, "reason": None}
@@ -1813,12 +1852,14 @@ def replica_envs(n: int) -> list[dict]:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except ImportError:
         gpus = 0
+    if n == 1:
+        return [{}]  # as before: whatever CUDA_VISIBLE_DEVICES / core mask the user gave
     if gpus:
         if gpus < n:
             raise ServingError(f"{n} replicas need {n} GPUs; this machine has {gpus}")
-        return [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(n)]
-    if n == 1:
-        return [{}]
+        visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        devices = visible[:n] if len(visible) >= n else [str(i) for i in range(n)]
+        return [{"CUDA_VISIBLE_DEVICES": d} for d in devices]
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < n:
         raise ServingError(f"{n} CPU replicas need at least {n} cores; this process may use {len(cpus)}")

@@ -261,11 +261,18 @@ def _check_server(run: Run, rep: Report, desired: dict) -> None:
     routing = {int(k): v for k, v in served["routing"].items()}
     want = {s: (e or {}).get("name") for s, e in desired.items()}
     rep.check(routing == want, f"serving: the gateway routes {routing}, the ledger says {want}")
-    engine = served.get("engine_adapters", {})
-    rep.check(set(engine) == {n for n in want.values() if n} and not served.get("engine_unknown_ids"),
-              f"serving: the engine holds {sorted(engine)} (+ unknown ids {served.get('engine_unknown_ids')}), "
-              f"the routing serves {sorted(n for n in want.values() if n)}")
-    rep.echo(f"serving: gateway {info['url']} routes {routing}; engine list {engine}")
+    # Every replica that receives traffic (one replica: the top-level view) holds exactly the routed adapters.
+    views = [v for v in served.get("replicas") or [served] if v.get("receives_traffic", True)]
+    rep.check(bool(views), "serving: no replica receives traffic")
+    for v in views:
+        where = f"replica {v['replica']}: " if "replica" in v else ""
+        engine = v.get("engine_adapters", {})
+        rep.check(set(engine) == {n for n in want.values() if n} and not v.get("engine_unknown_ids"),
+                  f"serving: {where}the engine holds {sorted(engine)} (+ unknown ids {v.get('engine_unknown_ids')}), "
+                  f"the routing serves {sorted(n for n in want.values() if n)}")
+    fenced = [v["replica"] for v in served.get("replicas") or [] if not v.get("receives_traffic", True)]
+    rep.echo(f"serving: gateway {info['url']} routes {routing}; engine list {served.get('engine_adapters', {})}"
+             + (f"; replicas fenced (no traffic): {fenced}" if fenced else ""))
 
 
 def _check_certificate(run, rep, f: Path, by_req, order, led, snap) -> None:

@@ -193,6 +193,9 @@ class _Call:
         stop = asyncio.ensure_future(self._cut.wait())
         try:
             done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            recv.cancel()  # this receive was itself cancelled (e.g. by with_cancellation): leave no task behind
+            raise
         finally:
             stop.cancel()
         if recv in done:

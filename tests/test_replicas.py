@@ -115,7 +115,7 @@ def test_a_deletion_cuts_long_generations_on_every_replica(gw2):
     assert {x["replica"] for x in sw["removed"] if x["name"] == old} == {0, 1}
     for ev in events:
         assert json.loads(ev[-1][1])["error"]["code"] == "deletion_in_progress"
-        assert all(t <= acked for t, _ in ev) and len(ev) < 2000
+        assert all(t <= acked for t, _ in ev[:-1]) and len(ev) < 2000  # the error event itself may follow
     for rep in gw2.replicas:  # both engines: nothing from the old adapter after the acknowledgement
         assert all(t <= acked for t, m in rep.server.produced if m == old)
         assert old not in rep.server.ids and set(rep.server.ids) == routed(gw2)
