@@ -64,6 +64,44 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ----- analytic ------------------------------------------------------------------------------------
+def cache_cost(m: int, L: int, B: int, N: int = 30, n: int = 30, epochs: float = 1.0, method: str = "cyclic",
+               head: float = 0.0) -> dict:
+    """Per-token cost in layer-passes (one layer's forward = 1; the input-gradient backward through a layer = 1),
+    summed over the shared stage plan, in slice units (x the samples of a cell), top-down blocks:
+
+    * uncached stage k: epochs x k slices x (N + d_k): forward through all N layers, backward down to block k's
+      bottom (d_k = LoRA layers from the top down to block k's bottom);
+    * cached stage k (boundary lo_k = N - d_k > 0): epochs x k slices x 2 d_k (only the layers from the boundary
+      up run, forward and backward), plus the fill: each sample forwarded once through the layers below the
+      highest boundary it is needed at (the lower boundaries are captured on the way), independent of epochs.
+
+    ``head``: the LM head's cost in layer units (forward, and the same again for its input-gradient backward), paid
+    by both paths (SmolLM2-135M: vocab 49152 x 576 against ~3.5M weights a layer, about 8).
+    """
+    from s3t_llm.planner import plan_sequences
+    from s3t_llm.run import split_blocks
+    from s3t_llm.training import stage_plan
+
+    seqs = plan_sequences(L, B, method=method, seed=0)
+    plan = stage_plan(types.SimpleNamespace(shards=m, sequences=[list(q) for q in seqs]))
+    blocks = split_blocks(list(range(N - n, N)), L)
+    d = [sum(len(b) for b in blocks[:k]) for k in range(1, L + 1)]
+    unc = cac = 0.0
+    need: dict[tuple[int, int], int] = {}  # (shard, slice) -> highest boundary layer needed
+    for s, p in plan:
+        k = len(p)
+        lo = N - d[k - 1]
+        unc += epochs * k * (N + d[k - 1] + 2 * head)
+        if lo > 0:
+            cac += epochs * k * (2 * d[k - 1] + 2 * head)
+            for sl in p:
+                need[(s, sl)] = max(need.get((s, sl), 0), lo)
+        else:
+            cac += epochs * k * (N + d[k - 1] + 2 * head)
+    fill = float(sum(need.values()))
+    return {"uncached": unc, "cached": cac + fill, "fill": fill, "train_cached": cac}
+
+
 def plan_stats(m: int, L: int, B: int, method: str = "cyclic", N: int = 30, n: int = 30) -> dict:
     from s3t_llm.planner import plan_sequences
     from s3t_llm.run import split_blocks
@@ -105,6 +143,25 @@ def analytic_table(plans, method: str, N: int, n: int) -> tuple[str, list[dict]]
                "slice-passes, no sharing (x full FT)", "slice-passes, sharing (x full FT)",
                "compute ratio no/with", f"depth-weighted, no sharing (N={N}, n={n})", "depth-weighted, sharing"]
     return C.md_table(headers, rows), stats
+
+
+def cache_table(plans, method: str, layouts: list[tuple[int, int]]) -> str:
+    """The activation cache's modelled saving (``cache_cost``) per plan and (N, n) layout, 1 and 3 epochs."""
+    from s3t_llm.planner import PlanError
+
+    rows = []
+    for N, n in layouts:
+        for m, L, B in plans:
+            if L > n:
+                continue
+            try:
+                c1, c3 = (cache_cost(m, L, B, N, n, e, method) for e in (1, 3))
+            except PlanError:
+                continue
+            rows.append([m, L, B, N, n, f"{c1['uncached']:.0f}", f"{c1['cached']:.0f} (fill {c1['fill']:.0f})",
+                         f"{c1['uncached'] / c1['cached']:.2f}x", f"{c3['uncached'] / c3['cached']:.2f}x"])
+    return C.md_table(["m", "L", "B", "N layers", "n LoRA layers", "uncached, 1 epoch", "cached, 1 epoch",
+                       "saving, 1 epoch", "saving, 3 epochs"], rows)
 
 
 # ----- measured ------------------------------------------------------------------------------------
@@ -209,7 +266,14 @@ def main(argv=None) -> int:
         f"n = {args.lora_layers} LoRA layers (n/a where L > n). A rough FLOPs model (forward of every layer + "
         "input-gradient backward down to block k; embeddings, LM head and LoRA weight gradients ignored): early "
         "stages are cheaper per token than a full fine-tune, later ones as dear.", "",
-        table,
+        table, "",
+        "## Activation cache (top-down blocks, `train.cache_activations`)", "",
+        "`cache_cost`: layer-passes per token (forward 1, input-gradient backward 1 per layer) summed over the "
+        "shared plan. Uncached stage k: N + d_k. Cached (block k's bottom above layer 0): 2 d_k, plus one fill per "
+        "sample through the layers below the highest boundary it is needed at (lower boundaries captured on the "
+        "way; paid once, not per epoch). Embeddings and the LM head are ignored, so on a small model with a large "
+        "vocabulary (SmolLM2: the LM head costs about 8 layers) the measured saving is lower.", "",
+        cache_table(plans, args.method, [(args.num_layers, args.lora_layers), (30, 6)]),
     ]
     if args.measure:
         mtext, _ = measure(args)

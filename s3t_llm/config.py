@@ -64,8 +64,29 @@ class LoRAConfig:
     blocks: list[list[int]] | None = None
 
 
+# transformers' optimizer names (``transformers.training_args.OptimizerNames``, 5.19) and scheduler names
+# (``SchedulerType``), kept here so that a recipe is checked without importing transformers.
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor", "adamw_anyprecision",
+    "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit",
+    "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
 @dataclass
 class TrainConfig:
+    """Per-stage training (every stage gets a fresh optimizer and schedule with these settings).
+
+    The defaults of ``optim`` and ``max_grad_norm`` are what transformers 5.19 used when these fields did not
+    exist (``adamw_torch_fused`` with torch >= 2.8, clipping at 1.0), so a run made before them trains the same.
+    """
     epochs: float = 1.0
     learning_rate: float = 2e-4
     batch_size: int = 4
@@ -74,9 +95,20 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"
+    # A transformers optimizer name; the paged_* and *_bnb_* ones need CUDA + bitsandbytes.
+    optim: str = "adamw_torch_fused"
+    # Gradient clipping (global L2 norm over the trainable block); 0 disables it.
+    max_grad_norm: float = 1.0
     seed: int = 0
     logging_steps: int = 10
     gradient_checkpointing: bool = False
+    # Activation cache (s3t_llm/activation_cache.py): a stage whose trained block has only zero blocks below it
+    # runs the decoder from that block's lowest layer up, from cached per-sample hidden states of the frozen
+    # base. In memory only, never written to disk, dropped when training returns or a deletion lands.
+    cache_activations: bool = False
+    # Memory bound of that cache in GiB (hidden states in the training dtype); a stage whose entries would not
+    # fit runs uncached (decided from the stage's own data, so the result stays deterministic).
+    activation_cache_gb: float = 4.0
 
 
 @dataclass
@@ -123,6 +155,12 @@ class RunConfig:
         _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
         _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
         _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "must be >= 1")
+        _check(t.optim in OPTIMIZERS, "train.optim", t.optim, f"must be one of transformers' optimizers {list(OPTIMIZERS)}")
+        _check(t.lr_scheduler in SCHEDULERS, "train.lr_scheduler", t.lr_scheduler, f"must be one of {list(SCHEDULERS)}")
+        _check(0.0 <= t.warmup_ratio < 1.0, "train.warmup_ratio", t.warmup_ratio, "must be in [0, 1)")
+        _check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "must be >= 0")
+        _check(t.max_grad_norm >= 0.0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 disables clipping)")
+        _check(t.activation_cache_gb > 0.0, "train.activation_cache_gb", t.activation_cache_gb, "must be > 0")
         return self
 
 

@@ -5,6 +5,12 @@ on the live samples of slices pi_1..pi_k, with blocks 1..k-1 loaded frozen from 
 k+1..L zeroed (a zero LoRA B matrix adds exactly 0.0, so they are absent, not approximately absent).
 The stage's result is a deterministic function of (seed, shard, prefix, the prefix's data, blocks 1..k-1):
 it cannot depend on later slices, and a resumed run reproduces it.
+
+Each sample is tokenised once per ``StageTrainer`` (TRL's own preparation code, run once on the samples not yet
+seen; the stages' trainers get the token ids with ``skip_prepare_dataset``), and with
+``train.cache_activations`` a stage whose block has only zero blocks below it runs from cached hidden states of
+the frozen base (``s3t_llm.activation_cache``). Both caches live in memory, keyed by content, and die with the
+trainer (``train_run`` drops them when it returns and whenever the ledger's slice hashes change).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from pathlib import Path
 
 from . import exactness
+from .activation_cache import ActivationCache, boundary, cached_forward, check_zero
 from .adapters import layer_of
 from .prompts import to_example
 from .locking import hold
@@ -92,6 +99,25 @@ class StageTrainer:
                 self.lora_modules[layer_to_block[layer_of(name)]].append((name, mod))
         if any(not v for v in self.block_params.values()):
             raise RuntimeError("a block has no LoRA parameters; check lora.target_modules and the block layout")
+        import torch
+
+        if cfg.train.optim.startswith("paged_") and not torch.cuda.is_available():
+            raise RuntimeError(f"train.optim={cfg.train.optim!r} (a bitsandbytes paged optimizer) needs CUDA; "
+                               "use train.optim=adamw_torch_fused on a CPU machine")
+        # Tokenise once: content key of a prompt/completion example -> (input_ids, labels), or None when TRL
+        # would drop it (no completion token within data.max_length). In memory; dies with the trainer.
+        self._tokens: dict[str, tuple[list[int], list[int]] | None] = {}
+        self.pretokenize = True  # False: the per-stage TRL preparation of before (kept for the equality test)
+        self.act_cache = (ActivationCache(run.info.get("base_fingerprint", run.model_path) + ":" + self.precision,
+                                          int(cfg.train.activation_cache_gb * 2**30))
+                          if cfg.train.cache_activations else None)
+        self.last_fit: dict = {}
+
+    def clear_caches(self) -> None:
+        """Drop every cached token list and hidden state (they are data derived from samples)."""
+        self._tokens.clear()
+        if self.act_cache is not None:
+            self.act_cache.clear()
 
     # ----- adapter state --------------------------------------------------------------------------
     @staticmethod
@@ -141,30 +167,83 @@ class StageTrainer:
                     ids.append(sid)
         return examples, hashes, ids
 
-    def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str):
-        """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
-        with the trainer. Returns (train output, examples used, tokens per epoch, seconds)."""
+    def _sft_args(self, tmp: Path, seed: int, **extra):
         import torch
-        import datasets
-        from datasets import Dataset
-        from transformers import PrinterCallback
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
-        datasets.disable_progress_bars()
         cfg = self.run.config
         t = cfg.train
-        args = SFTConfig(
+        return SFTConfig(
             output_dir=str(tmp), num_train_epochs=t.epochs, max_steps=t.max_steps,
             per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
             learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
             warmup_steps=t.warmup_ratio,  # float < 1: a ratio (transformers v5)
-            weight_decay=t.weight_decay, seed=seed, data_seed=seed, logging_steps=t.logging_steps,
+            weight_decay=t.weight_decay, optim=t.optim, max_grad_norm=t.max_grad_norm,
+            seed=seed, data_seed=seed, logging_steps=t.logging_steps,
             save_strategy="no", report_to=[], disable_tqdm=True, max_length=cfg.data.max_length,
             gradient_checkpointing=t.gradient_checkpointing, bf16=False, fp16=False,
             use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            completion_only_loss=True, packing=False,
+            completion_only_loss=True, packing=False, **extra,
         )
-        trainer = SFTTrainer(model=self.model, args=args, train_dataset=Dataset.from_list(examples),
+
+    @staticmethod
+    def _example_key(ex: dict) -> str:
+        return hashlib.sha256(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def tokenize(self, examples: list[dict]) -> list[tuple[list[int], list[int]] | None]:
+        """``(input_ids, labels)`` of each example exactly as TRL's SFTTrainer prepares it (prompt-completion,
+        EOS appended, completion-only labels, truncated to data.max_length; None where TRL drops it), each
+        distinct example tokenised once per trainer: the new ones go through TRL's own preparation code."""
+        from types import SimpleNamespace
+
+        import datasets
+        from datasets import Dataset
+        from trl import SFTTrainer
+
+        keys = [self._example_key(ex) for ex in examples]
+        new = {}
+        for key, ex in zip(keys, examples):
+            if key not in self._tokens:
+                new.setdefault(key, ex)
+        if new:
+            datasets.disable_progress_bars()
+            order = list(new)
+            ds = Dataset.from_list([dict(new[key], _s3t_row=i) for i, key in enumerate(order)])
+            with tempfile.TemporaryDirectory(prefix=f".tok-pid{os.getpid()}-", dir=self.run.dir) as tmp:
+                args = self._sft_args(Path(tmp), 0)
+                # The preparation method reads only these attributes of the trainer (TRL 1.16); with
+                # assistant_only_loss off, TRL's chat_template attribute is None.
+                shim = SimpleNamespace(_tokenizer=self.tokenizer, completion_only_loss=True, chat_template=None,
+                                       _is_vision_dataset=False, args=args, _signature_columns=None)
+                out = SFTTrainer._prepare_dataset(shim, ds, self.tokenizer, args, False, None, "train")
+            for key in order:
+                self._tokens[key] = None
+            for row in out:
+                self._tokens[order[row["_s3t_row"]]] = (list(row["input_ids"]), list(row["labels"]))
+        return [self._tokens[key] for key in keys]
+
+    def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str, cache_layer: int | None = None):
+        """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
+        with the trainer. ``cache_layer``: run the decoder from that layer up on cached hidden states (the
+        caller has checked that everything below it is the frozen base). Returns (train output, examples used,
+        tokens per epoch, seconds of ``train()``); timings in ``self.last_fit``."""
+        import datasets
+        from datasets import Dataset
+        from transformers import PrinterCallback
+        from trl import SFTTrainer
+
+        datasets.disable_progress_bars()
+        cfg = self.run.config
+        t_setup = time.perf_counter()
+        fill_s = 0.0
+        if self.pretokenize:
+            rows = [r for r in self.tokenize(examples) if r is not None]
+            args = self._sft_args(tmp, seed, dataset_kwargs={"skip_prepare_dataset": True})
+            train_dataset = Dataset.from_list([{"input_ids": ids, "labels": lab} for ids, lab in rows])
+        else:
+            args = self._sft_args(tmp, seed)
+            train_dataset = Dataset.from_list(examples)
+        trainer = SFTTrainer(model=self.model, args=args, train_dataset=train_dataset,
                              processing_class=self.tokenizer)
         trainer.remove_callback(PrinterCallback)  # our own progress bar reports each stage
         n_tokens = int(sum(len(x) for x in trainer.train_dataset["input_ids"]))
@@ -173,9 +252,24 @@ class StageTrainer:
         if n_used < len(examples):
             logger.warning("%s: %d of %d examples have no completion token within data.max_length=%d and are "
                            "skipped", what, len(examples) - n_used, len(examples), cfg.data.max_length)
+        ctx = contextlib.nullcontext()
+        used_layer = None
+        if cache_layer is not None and self.act_cache is not None:
+            t0 = time.perf_counter()
+            others = tuple(x for x in (boundary(self.run.blocks, j) for j in range(1, len(self.run.blocks) + 1))
+                           if x is not None)
+            if self.act_cache.prepare(self.model, cache_layer, list(trainer.train_dataset["input_ids"]), also=others):
+                used_layer = cache_layer
+                ctx = cached_forward(self.model, self.act_cache, cache_layer, self.lora_modules, self.run.blocks,
+                                     cfg.train.gradient_checkpointing)
+            fill_s = time.perf_counter() - t0
+        setup_s = time.perf_counter() - t_setup - fill_s
         t0 = time.perf_counter()
-        out = trainer.train()
+        with ctx:
+            out = trainer.train()
         seconds = time.perf_counter() - t0
+        self.last_fit = {"setup_s": setup_s, "cache_fill_s": fill_s, "train_s": seconds, "cache_layer": used_layer,
+                         "log": [dict(x) for x in trainer.state.log_history]}
         del trainer  # drops the optimizer state: it never outlives the stage
         return out, n_used, n_tokens, seconds
 
@@ -247,9 +341,15 @@ class StageTrainer:
                 p.requires_grad_(b == k)
         frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
 
+        cache_layer = None
+        if self.act_cache is not None:
+            cache_layer = boundary(run.blocks, k)
+            if cache_layer is not None:
+                check_zero(self.block_params, k, run.blocks, cache_layer)  # below it: only zero blocks
         tmp = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=run.dir))
         try:
-            out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}")
+            out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}",
+                                                       cache_layer=cache_layer)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -275,6 +375,10 @@ class StageTrainer:
             "seed": seed, "train_loss": float(out.training_loss), "steps": int(out.global_step),
             "tokens": n_tokens * max(1, round(cfg.train.epochs)), "seconds": seconds,
             "parent_sha256": parent_sha, "env": training_env(),
+            # The layer the stage ran from on cached base hidden states (None: the whole decoder ran).
+            "activation_cache_layer": self.last_fit.get("cache_layer"),
+            "setup_seconds": round(self.last_fit.get("setup_s", 0.0), 3),
+            "cache_fill_seconds": round(self.last_fit.get("cache_fill_s", 0.0), 3),
         }
         if is_main_process():
             manifest = run.write_block(shard, prefix, self.block_tensors(k), manifest)
@@ -334,13 +438,27 @@ def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
     if not todo:
         return summary
     trainer = StageTrainer(run, precision)
+    try:
+        return _train_stages(run, trainer, todo, summary, progress)
+    finally:
+        trainer.clear_caches()  # token ids and hidden states never outlive the run's training
+
+
+def _train_stages(run: Run, trainer: StageTrainer, todo, summary: dict, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    seen_hashes = run.slice_hashes()
     bar = tqdm(todo, desc="S3T stages", unit="stage", disable=not progress)
     for shard, prefix in bar:
         bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))}")
         lock = run.store.blocks_dir / f"shard{shard}" / f".lock-{'-'.join(map(str, prefix))}"
         with _block_lock(lock):
             # Another job may have trained it while we waited for the lock; a parent may have gone stale.
-            valid = exactness.valid_blocks(run.block_manifests(), run.slice_hashes())
+            hashes = run.slice_hashes()
+            if hashes != seen_hashes:  # a deletion landed: drop every cached token list and hidden state
+                trainer.clear_caches()
+                seen_hashes = hashes
+            valid = exactness.valid_blocks(run.block_manifests(), hashes)
             if (shard, prefix) in valid:
                 continue
             if len(prefix) > 1 and (shard, prefix[:-1]) not in valid:
@@ -350,7 +468,10 @@ def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
         summary["stages_trained"] += 1
         summary["tokens"] += man["tokens"]
         summary["seconds"] += man["seconds"]
+        lf = trainer.last_fit
         summary["blocks"].append({"shard": shard, "prefix": list(prefix), "loss": man["train_loss"],
-                                  "seconds": round(man["seconds"], 2)})
+                                  "seconds": round(man["seconds"], 2), "setup_s": round(lf.get("setup_s", 0.0), 3),
+                                  "cache_fill_s": round(lf.get("cache_fill_s", 0.0), 3),
+                                  "cache_layer": lf.get("cache_layer")})
         bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))} loss {man['train_loss']:.3f}")
     return summary

@@ -225,3 +225,88 @@ def test_bad_inputs_fail_before_training(tmp_path, tiny_llama, alpaca_sample, wr
         make_cfg(tmp_path, tiny_llama, data, extra=["train.epoch=3"])
     assert not (tmp_path / "runs" / "g").exists() and not (tmp_path / "runs" / "l" / "run.json").exists()
     assert not (tmp_path / "runs" / "r" / "run.json").exists()
+
+
+def test_pretokenised_stages_equal_trls_own_preparation_and_tokenise_once(tmp_path, tiny_llama, alpaca_sample,
+                                                                          write_records, monkeypatch):
+    from trl import SFTTrainer
+
+    data = write_records(alpaca_sample[:24])
+    extra = ["train.logging_steps=1", "s3t.budget=2"]
+    legacy = Run.create(make_cfg(tmp_path, tiny_llama, data, name="legacy", extra=extra))
+    pretok = Run.create(make_cfg(tmp_path, tiny_llama, data, name="pretok", extra=extra))
+    rows = []
+    orig = SFTTrainer._prepare_dataset
+
+    def counting(self, dataset, *a, **kw):
+        rows.append(len(dataset))
+        return orig(self, dataset, *a, **kw)
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", counting)
+    out = {}
+    for run, pre in ((legacy, False), (pretok, True)):
+        tr = StageTrainer(run)
+        tr.pretokenize = pre
+        rows.clear()
+        res = []
+        # Stages (a), (a, b) of sequence 0 and (b) of sequence 1: slices a and b are each used twice.
+        for prefix in (run.sequences[0][:1], run.sequences[0][:2], run.sequences[1][:1]):
+            man = tr.train_stage(0, tuple(prefix))
+            res.append((man["sha256"], [x["loss"] for x in tr.last_fit["log"] if "loss" in x]))
+        out[pre] = (res, list(rows))
+    # The same blocks, bit for bit, and the same loss at every logged step.
+    assert [r[0] for r in out[True][0]] == [r[0] for r in out[False][0]]
+    assert [r[1] for r in out[True][0]] == [r[1] for r in out[False][0]]
+    assert sum(len(r[1]) for r in out[True][0]) == 2 + 4 + 2
+    # TRL's preparation ran on 8 + 16 + 8 rows per stage before; now each of the 16 samples once (8 new, 8 new).
+    assert out[False][1] == [8, 16, 8]
+    assert out[True][1] == [8, 8]
+
+
+def test_tokenise_once_matches_trl_for_the_chat_template(tmp_path, tiny_llama, alpaca_sample, write_records):
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from s3t_llm.prompts import to_example
+
+    run = Run.create(make_cfg(tmp_path, tiny_llama, write_records(alpaca_sample[:24]), name="chat",
+                              extra=["data.template=chat"]))
+    tr = StageTrainer(run)
+    tr.tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>"
+                                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    examples = [to_example(r, "chat", tr.tokenizer) for r in alpaca_sample[:12]]
+    mine = tr.tokenize(examples)
+    trainer = SFTTrainer(model=tr.model, args=tr._sft_args(tmp_path / "o", 0), train_dataset=Dataset.from_list(examples),
+                         processing_class=tr.tokenizer)
+    theirs = [(list(r["input_ids"]), list(r["labels"])) for r in trainer.train_dataset]
+    assert [m for m in mine if m is not None] == theirs and len(theirs) >= 10
+    assert any(l == -100 for _, lab in theirs for l in lab) and any(l != -100 for _, lab in theirs for l in lab)
+
+
+def test_optimizer_and_clipping_reach_the_trainer_and_paper_recipes_match_the_reference(tmp_path, tiny_llama,
+                                                                                        alpaca_sample, write_records):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for name in ("llama2_7b_alpaca", "llama2_13b_alpaca", "llama3_8b_alpaca"):
+        t = load_config(root / "recipes" / f"{name}.yaml").train
+        assert (t.learning_rate, t.optim, t.weight_decay, t.max_grad_norm, t.lr_scheduler, t.warmup_ratio,
+                t.epochs) == (2e-5, "paged_adamw_32bit", 0.001, 0.3, "linear", 0.03, 3.0), name
+    # Defaults = what transformers chose before these fields existed (no change for existing runs).
+    d = load_config(None).train
+    assert (d.optim, d.max_grad_norm, d.cache_activations) == ("adamw_torch_fused", 1.0, False)
+    run = Run.create(make_cfg(tmp_path, tiny_llama, write_records(alpaca_sample[:12]), name="opt", extra=[
+        "s3t.slices=1", "train.optim=sgd", "train.max_grad_norm=0.3", "train.weight_decay=0.001",
+        "train.lr_scheduler=linear", "train.warmup_ratio=0.03"]))
+    args = StageTrainer(run)._sft_args(tmp_path / "o", 0)
+    assert (args.optim, args.max_grad_norm, args.weight_decay, args.lr_scheduler_type, args.warmup_steps) == \
+        ("sgd", 0.3, 0.001, "linear", 0.03)
+    with pytest.raises(ConfigError, match="train.optim='adamw_fast'"):
+        make_cfg(tmp_path, tiny_llama, "x.json", extra=["train.optim=adamw_fast"])
+    with pytest.raises(ConfigError, match="train.max_grad_norm=-1.0"):
+        make_cfg(tmp_path, tiny_llama, "x.json", extra=["train.max_grad_norm=-1"])
+    if not torch.cuda.is_available():
+        paged = Run.create(make_cfg(tmp_path, tiny_llama, write_records(alpaca_sample[:12]), name="paged",
+                                    extra=["s3t.slices=1", "train.optim=paged_adamw_32bit"]))
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            StageTrainer(paged)
