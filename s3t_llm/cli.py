@@ -53,7 +53,14 @@ def cmd_train(args) -> int:
     run = Run.create(cfg)
     t0 = time.perf_counter()
     with hold(run.dir, "train"):  # refuses while `s3t serve` holds the run (it is the one writer then)
-        summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
+        if args.ray is not None:  # the stage tree on Ray (s3t_llm/distributed.py); "local": a local instance
+            from .distributed import format_where, train_run_ray
+
+            summary = train_run_ray(run, address=args.ray, shards=args.shards, sequences=args.sequences,
+                                    precision=args.precision, threads=args.ray_threads, workers=args.ray_workers)
+            print(format_where(summary))
+        else:
+            summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
         summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
         adapters = export_best(run) if not args.no_export else {}
     print(f"run: {run.dir.resolve()}")
@@ -295,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sequences", type=_ints, help="only these sequence indices")
     sp.add_argument("--precision", choices=["8bit", "bf16", "fp32"], help="override model.precision")
     sp.add_argument("--no-export", action="store_true", help="do not materialise the prefix adapters")
+    sp.add_argument("--ray", nargs="?", const="local", default=None, metavar="auto|ADDRESS",
+                    help="schedule the stages on Ray: no value starts a local instance sized to the machine; "
+                         "'auto' or HOST:PORT joins a running cluster")
+    sp.add_argument("--ray-threads", type=int, default=1, metavar="N",
+                    help="torch threads (and CPUs reserved) per stage on Ray (default 1)")
+    sp.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                    help="stages at once on a local Ray instance (default: CPUs // --ray-threads, or one per GPU)")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("status", help="shards, surviving prefixes and deletions of a run")

