@@ -483,7 +483,7 @@ def auc_with_ci(groups: list[tuple[list[float], list[float]]], *, n_boot: int = 
 
 def membership_audit(backend, served: list[dict], cells: dict[str, tuple[int, int, dict]], requested: list[str],
                      unseen: list[dict], probe: Probe, cache: ScoreCache, *, per_shard: int = 24,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, suite: bool = True) -> dict:
     """Membership AUCs on the served shard adapters.
 
     ``requested``: the stream's deletion ids; ``unseen``: held-out records (never trained on). Groups:
@@ -491,7 +491,9 @@ def membership_audit(backend, served: list[dict], cells: dict[str, tuple[int, in
     not, the served model never saw them), ``used`` (samples the served prefix trained on: the positive
     control). A sample is scored by its own shard's adapter, the model that trained on it; when its shard is
     dead, by the adapter the gateway routes its prompt to (what serves it now). Each adapter's members are
-    compared with the unseen samples scored by the same adapter."""
+    compared with the unseen samples scored by the same adapter. ``suite`` adds, per group, the audit suite's
+    attacks (``groups[g]["suite"]``: zlib, Min-K%, Min-K%++ offline, reference = the base model; see
+    :func:`audit_suite`)."""
     from .prompts import render_prompt
     from .serving import route_shard
 
@@ -519,6 +521,55 @@ def membership_audit(backend, served: list[dict], cells: dict[str, tuple[int, in
                    unseen_losses[s]) for s, ids in per.items() if ids]
         out["groups"][g] = auc_with_ci(groups, seed=seed)
     cache.save()
+    if suite and live:
+        for g, table in audit_suite(backend, adapters, picks, cells, unseen, probe, seed=seed).items():
+            out["groups"][g]["suite"] = table
+    return out
+
+
+def _suite_scores(backend, model: str, records: list[dict], probe: Probe) -> list:
+    """Per-token response log-probabilities for ``s3t_llm.audit``: in this process (transformers, with the
+    full-vocabulary statistics Min-K%++ needs) offline, from vLLM's prompt_logprobs through the gateway when served
+    (every attack but Min-K%++)."""
+    from .audit import score_records_hf, score_records_vllm
+
+    if not records:
+        return []
+    if backend.kind == "vllm" and model not in backend.references:
+        name = backend.base_name if model == "base" else model
+        return score_records_vllm(backend.url, name, backend.tokenizer(), records, template=probe.template,
+                                  max_length=probe.max_length, session=backend.http)
+    off = backend if backend.kind == "offline" else backend._refs()
+    return score_records_hf(off._model(model), off.tokenizer(), records, template=probe.template,
+                            max_length=probe.max_length)
+
+
+def audit_suite(backend, adapters: dict, picks: dict, cells: dict, unseen: list[dict], probe: Probe, *,
+                seed: int = 0, n_boot: int = 1000) -> dict:
+    """The audit suite (``s3t_llm.audit``: loss, zlib, Min-K%, Min-K%++ where the backend allows, reference = the
+    base model) for each group of ``membership_audit``, with the same shard routing and the same non-members."""
+    from .audit import ModelScores, attack_table
+
+    per_shard: dict[int, tuple[dict, list]] = {}
+    for s, e in adapters.items():  # one model at a time: its members of every group, then the unseen samples
+        ids = [i for per in picks.values() for i in per.get(s, [])]
+        got = _suite_scores(backend, e["adapter"], [cells[i][2] for i in ids] + list(unseen), probe)
+        per_shard[s] = (dict(zip(ids, got[:len(ids)])), got[len(ids):])
+    all_ids = sorted({i for per in picks.values() for v in per.values() for i in v})
+    got = _suite_scores(backend, "base", [cells[i][2] for i in all_ids] + list(unseen), probe)
+    base_m, base_h = dict(zip(all_ids, got[:len(all_ids)])), got[len(all_ids):]
+    out = {}
+    for g, per in picks.items():
+        groups, refs = [], []
+        for s, ids in per.items():
+            if not ids:
+                continue
+            mem, non = per_shard[s]
+            km = [i for i in ids if mem[i] is not None and base_m[i] is not None]
+            kh = [j for j, x in enumerate(non) if x is not None and base_h[j] is not None]
+            groups.append(([mem[i] for i in km], [non[j] for j in kh]))
+            refs.append(([base_m[i] for i in km], [base_h[j] for j in kh]))
+        out[g] = attack_table(ModelScores(groups, refs), n_boot=n_boot, seed=seed) if groups else {}
     return out
 
 
@@ -824,6 +875,22 @@ def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, 
                      f"{_fmt_auc(af.get('unused'))} | {_fmt_auc(af.get('used'))} | "
                      f"{a.get('after', {}).get('dead_shards', [])} |")
         L.append("")
+        from .audit import ATTACK_LABEL, ATTACKS
+
+        if any(a.get(w, {}).get("groups", {}).get("requested", {}).get("suite") for a in audits.values()
+               for w in ("before", "after")):
+            L += ["### Audit suite on the deletion requests (`s3t_llm.audit`)", "",
+                  "AUC of the requested samples against unseen ones, 95% bootstrap CI, for each attack (Min-K%++ "
+                  "needs the full-vocabulary log-probabilities: offline backend only; reference = loss minus the "
+                  "base model's loss).", "",
+                  "| method | when | " + " | ".join(ATTACK_LABEL[x].format(k="20%") for x in ATTACKS) + " |",
+                  "|---|---|" + "---|" * len(ATTACKS)]
+            for lab, a in audits.items():
+                for w in ("before", "after"):
+                    t = a.get(w, {}).get("groups", {}).get("requested", {}).get("suite")
+                    if t:
+                        L.append(f"| {lab} | {w} | " + " | ".join(_fmt_auc(t.get(x)) for x in ATTACKS) + " |")
+            L.append("")
     L += ["Files: `stream.jsonl`, `stream.csv`, `audit.json`, `references.json`, `generations.md`, `requests.json`.", ""]
     return "\n".join(L)
 

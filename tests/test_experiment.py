@@ -188,6 +188,26 @@ def test_outputs_audit_and_report(stream):
         assert not any(t in body for t in texts)
 
 
+def test_audit_reports_the_audit_suite_for_every_group(stream):
+    from s3t_llm.audit import ATTACKS
+
+    exp = stream["dir"]
+    audit = json.loads((exp / "audit.json").read_text())
+    for lab in ("SISA (B=1)", "S3T B=3"):
+        for when in ("before", "after"):
+            for g, x in audit[lab][when]["groups"].items():
+                if x["auc"] is None:
+                    continue
+                suite = x["suite"]
+                assert set(suite) == set(ATTACKS)  # Min-K%++ included: the offline backend has the full vocabulary
+                # the suite's loss attack is the loss-threshold AUC above, from the per-token arrays
+                assert suite["loss"]["auc"] == pytest.approx(x["auc"], abs=1e-3)
+                assert suite["loss"]["n_members"] == x["n_members"]
+                for a in ATTACKS:
+                    assert 0.0 <= suite[a]["ci"][0] <= suite[a]["auc"] <= suite[a]["ci"][1] <= 1.0, (lab, when, g, a)
+    report = (exp / "report.md").read_text()
+    assert "Audit suite on the deletion requests" in report and "Min-K%++ (k=20%)" in report
+
 def test_bad_input_is_refused_before_anything_runs(stream, tmp_path):
     with pytest.raises(ConfigError, match="budgets"):
         deletion_stream(stream["recipe"], budgets=(0, 2), out=tmp_path / "e")
