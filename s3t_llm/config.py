@@ -112,6 +112,26 @@ class TrainConfig:
 
 
 @dataclass
+class RayConfig:
+    """Where the stage tree runs when training on Ray (``s3t train --ray``, ``s3t serve --retrain --ray``).
+
+    The command-line flags override these fields; ``enabled: true`` makes Ray the default for this recipe.
+    """
+    enabled: bool = False
+    # null or "local": a local instance sized to the machine (bound to 127.0.0.1); "auto" or HOST:PORT: a cluster.
+    address: str | None = None
+    # torch threads per stage, and the CPUs a stage reserves on the cluster.
+    threads: int = 1
+    # stages at once on a local instance (null: CPUs // threads, or one per GPU).
+    workers: int | None = None
+    # GPUs a stage reserves (null: 1 where the cluster has GPUs, else 0).
+    gpus_per_stage: float | None = None
+    # Ray's own retries of a stage whose worker died, then the driver's resubmissions of it.
+    max_retries: int = 3
+    resubmits: int = 2
+
+
+@dataclass
 class RunConfig:
     name: str = "s3t-run"
     output_dir: str = "runs"
@@ -120,6 +140,7 @@ class RunConfig:
     s3t: S3TConfig = field(default_factory=S3TConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -161,6 +182,16 @@ class RunConfig:
         _check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "must be >= 0")
         _check(t.max_grad_norm >= 0.0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 disables clipping)")
         _check(t.activation_cache_gb > 0.0, "train.activation_cache_gb", t.activation_cache_gb, "must be > 0")
+        r = self.ray
+        _check(r.threads >= 1, "ray.threads", r.threads, "must be >= 1")
+        _check(r.workers is None or r.workers >= 1, "ray.workers", r.workers, "must be >= 1 (or null)")
+        _check(r.gpus_per_stage is None or r.gpus_per_stage >= 0, "ray.gpus_per_stage", r.gpus_per_stage,
+               "must be >= 0 (or null)")
+        _check(r.max_retries >= 0, "ray.max_retries", r.max_retries, "must be >= 0")
+        _check(r.resubmits >= 0, "ray.resubmits", r.resubmits, "must be >= 0")
+        if r.address not in (None, "", "local", "auto"):
+            _check(re.fullmatch(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+", r.address) is not None, "ray.address",
+                   r.address, "use null/'local' (a local instance), 'auto' or HOST:PORT")
         return self
 
 

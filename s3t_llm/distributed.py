@@ -47,7 +47,7 @@ from .adapters import layer_of
 from .locking import hold
 from .run import DATASET, Run, StaleStageError
 
-__all__ = ["train_run_ray", "tensor_digest", "connect", "local_resources", "GuardViolation"]
+__all__ = ["train_run_ray", "ray_options", "tensor_digest", "connect", "local_resources", "GuardViolation"]
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +367,20 @@ def local_resources(threads: int = 1, workers: int | None = None) -> dict:
     return {"num_cpus": n * threads, "num_gpus": 0, "workers": n}
 
 
+def ray_options(section, *, address: str | None = None, threads: int | None = None,
+                workers: int | None = None) -> dict:
+    """``train_run_ray`` keyword arguments from a recipe's ``ray:`` section (:class:`s3t_llm.config.RayConfig`),
+    with the command line's values (not None) taking precedence."""
+    for name, v in (("threads", threads), ("workers", workers)):
+        if v is not None and v < 1:
+            raise ValueError(f"--ray-{name}={v}: must be >= 1")
+    return {"address": address if address is not None else section.address,
+            "threads": threads if threads is not None else section.threads,
+            "workers": workers if workers is not None else section.workers,
+            "gpus_per_stage": section.gpus_per_stage, "max_retries": section.max_retries,
+            "resubmits": section.resubmits}
+
+
 def connect(address: str | None, *, threads: int = 1, workers: int | None = None) -> bool:
     """Connect to Ray. ``None``/``"local"``: start a local instance sized to the machine, bound to 127.0.0.1,
     no dashboard, no usage reporting, no object spilling (stage data stays in memory); ``"auto"`` or
@@ -492,8 +506,16 @@ def _drive(run: Run, *, shards, sequences, precision, progress, threads, gpus_pe
                "stages_discarded": 0, "tokens": 0, "seconds": 0.0, "blocks": [], "where": []}
     if not todo:
         return summary
+    res = ray.cluster_resources()
     if gpus_per_stage is None:
-        gpus_per_stage = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus_per_stage = 1.0 if res.get("GPU", 0) > 0 else 0.0
+    # A stage no node can hold would wait forever: refuse it now, naming the resource.
+    if gpus_per_stage > res.get("GPU", 0):
+        raise RuntimeError(f"a stage reserves {gpus_per_stage:g} GPU(s) (ray.gpus_per_stage) but the Ray cluster has "
+                           f"{res.get('GPU', 0):g}; set ray.gpus_per_stage=0 to train on CPUs")
+    if threads > res.get("CPU", 0):
+        raise RuntimeError(f"a stage reserves {threads} CPU(s) (--ray-threads / ray.threads) but the Ray cluster has "
+                           f"{res.get('CPU', 0):g}")
     prog = _progress_actor()
     spec = {"info": {k: run.info[k] for k in ("config", "model_path", "base_fingerprint", "num_layers", "blocks",
                                               "sequences")},

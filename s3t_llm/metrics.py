@@ -122,8 +122,12 @@ class _StateCollector:
         up = GaugeMetricFamily("s3t_replica_up", "1 if the vLLM replica receives traffic", labels=["replica"])
         fenced = GaugeMetricFamily("s3t_replica_fenced", "1 if the replica is fenced (no traffic until reconciled "
                                    "to the current routing)", labels=["replica"])
+        reqs = CounterMetricFamily("s3t_replica_requests", "Requests relayed to the vLLM replica",
+                                   labels=["replica"])
         for r in replicas:
             up.add_metric([str(r["replica"])], int(r["up"]))
             fenced.add_metric([str(r["replica"])], int(r["fenced"]))
+            reqs.add_metric([str(r["replica"])], r.get("requests", 0))
         yield up
         yield fenced
+        yield reqs

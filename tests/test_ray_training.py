@@ -171,6 +171,26 @@ def _helper_cli(recipe: str, *overrides: str) -> None:
     sys.exit(main())
 
 
+def _helper_retrain(run_dir: str, victim: str, out: str) -> None:
+    """``s3t serve --retrain --ray``'s retraining: a gateway (fake vLLM engine) whose deletion kills shard 0
+    retrains it on a local Ray instance, in the background, while it stays the run's one writer."""
+    _only_loopback()
+    from s3t_llm.run import Run
+    from s3t_llm.serving import Gateway
+    from tests.fakes import FakeVLLM
+
+    run = Run.open(run_dir)
+    gw = Gateway(run, FakeVLLM(), retrain=True,
+                 retrain_ray={"address": None, "threads": 1, "workers": 2, "gpus_per_stage": None,
+                              "max_retries": 3, "resubmits": 2})
+    gw.refresh("start-up")
+    cert = gw.delete([victim])
+    gw.retrain_thread.join(timeout=200)
+    Path(out).write_text(json.dumps({"dead": cert["dead_shards"], "alive": gw.retrain_thread.is_alive(),
+                                     "status": gw.retrain_status, "routing": gw.routing,
+                                     "engine": sorted(gw.server.ids)}, default=str))
+
+
 # ===== the tests ====================================================================================
 pytestmark = pytest.mark.skipif(_netns_available() is not None, reason=str(_netns_available()))
 
@@ -284,6 +304,50 @@ def test_cli_ray_local_mode_matches_serial(tmp_path, tiny_llama, ray_setup):
         assert w["stage"] in proc.stdout and w["sha256"][:12] in proc.stdout
 
 
+def test_serve_retrain_on_ray_revives_a_dead_shard_with_serial_bytes(tmp_path, tiny_llama, ray_setup):
+    """`s3t serve --retrain --ray`: the dead shard's stages run on Ray (where each ran is reported), never on the
+    deleted sample, and a serial retraining of each of those stages in this process writes the same bytes."""
+    import torch
+
+    from s3t_llm.run import DATASET, Run
+    from s3t_llm.training import StageTrainer, train_run
+
+    run = Run.create(ray_setup["make_cfg"](tmp_path, tiny_llama, ray_setup["data"], name="rt",
+                                           extra=ray_setup["extra"]))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_run(run, progress=False)
+        assert _block_shas(run) == ray_setup["ref"]
+        seq = run.sequences[0]
+        with run.ledger() as led:
+            victim = led.slice_samples(DATASET, 0, seq[0])[0][0]
+        out = tmp_path / "retrain.json"
+        proc = _in_netns([str(HERE), "retrain", str(run.dir), victim, str(out)], timeout=240)
+        assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
+        res = json.loads(out.read_text())
+        assert res["dead"] == [0] and res["alive"] is False
+        st = res["status"]
+        assert st["state"] == "idle" and st["scheduler"] == "ray" and st["stages_trained"] == 3, st
+        assert sorted(w["stage"] for w in st["where"]) == sorted(f"s0/p{'-'.join(map(str, seq[:k]))}"
+                                                                 for k in (1, 2, 3))
+        assert all(w["attempt"] == 1 and w["pid"] != os.getpid() for w in st["where"])
+        run = Run.open(run.dir)
+        assert res["routing"]["0"]["depth"] == 3 and res["routing"]["0"]["name"] in res["engine"]
+        got = _block_shas(run)
+        assert all(run.block_is_valid(s, p) for s, p in got)
+        assert not any(victim in run.store.manifest(s, p)["sample_ids"] for s, p in got)
+        # shard 1 untouched; shard 0 new bytes, equal to a serial retraining of the same stages on the same data
+        assert {k: v for k, v in got.items() if k[0] == 1} == {k: v for k, v in ray_setup["ref"].items() if k[0] == 1}
+        trainer = StageTrainer(run)
+        for k in (1, 2, 3):
+            key = (0, tuple(seq[:k]))
+            assert got[key] != ray_setup["ref"][key]
+            assert trainer.train_stage(*key)["sha256"] == got[key], f"stage {key} differs from a serial retraining"
+    finally:
+        torch.set_num_threads(old)
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
-    {"cluster": _helper_cluster, "cli": _helper_cli}[mode](*rest)
+    {"cluster": _helper_cluster, "cli": _helper_cli, "retrain": _helper_retrain}[mode](*rest)

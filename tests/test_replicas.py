@@ -229,3 +229,43 @@ def test_adding_a_replica_at_run_time_needs_the_token_and_a_protected_upstream(g
     r = post(gw2, "/s3t/replicas", {"url": f"http://127.0.0.1:{port}", "admin_token": "x"}, headers=TOK)
     assert r.status_code == 400 and "does not answer" in r.json()["error"]["message"]
     assert len(gw2.replicas) == 2  # nothing was added
+
+
+def test_a_deletion_does_not_wait_behind_a_slow_reconciliation_which_then_catches_up(gw2):
+    """Reconciling a replica runs its network calls without the switch lock: a deletion that arrives meanwhile is
+    applied to the live replica at once, and the fenced one is reconciled again to the new routing before it is
+    unfenced (it never serves the superseded adapter)."""
+    r1 = gw2.replicas[1]
+    srv = r1.server
+    gw2._fence(r1, "test: stale")
+    for name in list(srv.ids):
+        srv.remove(name)  # it came back empty: reconciling reloads every routed adapter
+    slow_load, started, calls = srv.load, threading.Event(), []
+
+    def load(name, path):
+        calls.append(name)
+        started.set()
+        time.sleep(2.0)
+        return slow_load(name, path)
+
+    srv.load = load
+    out = {}
+    t = threading.Thread(target=lambda: out.update(gw2.reconcile_replica(r1)))
+    t.start()
+    assert started.wait(20)
+    old = gw2.routing[0]["name"]
+    t0 = time.time()
+    r = post(gw2, "/s3t/delete", {"ids": [victim_of(gw2)], "request_id": "rep-slow"}, headers=TOK, timeout=120)
+    took = time.time() - t0
+    assert r.status_code == 200, r.text
+    assert t.is_alive() and r1.fenced is not None  # the deletion finished while the reconcile was still loading
+    cert = json.loads((gw2.run.dir / "certificates" / "rep-slow.json").read_text())
+    views = {v["replica"]: v for v in cert["served_after"]["replicas"]}
+    assert views[0]["receives_traffic"] and old not in views[0]["engine_adapters"]
+    assert not views[1]["receives_traffic"]  # fenced while being reconciled: listed, no traffic
+    t.join(60)
+    srv.load = slow_load
+    assert out["ok"], out
+    assert r1.fenced is None and old not in srv.ids and set(srv.ids) == routed(gw2)
+    assert set(srv.engine_loras()) == set(srv.ids.values()) and gw2.check_integrity()["ok"]
+    assert took < 2.0 * len(calls)  # it did not wait for the reconcile's loads

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from s3t_llm.deletion import publish  # noqa: E402
 from s3t_llm.prompts import alpaca_prompt  # noqa: E402
 from s3t_llm.run import DATASET, Run  # noqa: E402
-from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs  # noqa: E402
+from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs, vllm_command_for  # noqa: E402
 from s3t_llm.training import train_run  # noqa: E402
 from tests.test_gateway_http import serve_in_thread  # noqa: E402
 from tests.test_training import make_cfg  # noqa: E402
@@ -173,3 +173,67 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
     assert m1[("s3t_replica_up", (("replica", "1"),))] == 1.0 and m1[("s3t_replica_fenced", (("replica", "1"),))] == 0.0
     assert sum(v for (k, lb), v in m1.items() if k == "s3t_requests_total") - \
         sum(v for (k, lb), v in m0.items() if k == "s3t_requests_total") == 8
+
+    # 5. A vLLM started elsewhere, over TCP (loopback here), with exactly the command line that
+    #    `s3t serve RUN --print-vllm-command` prints, attached at run time with POST /s3t/replicas: checked,
+    #    reconciled to the current routing before its first request, then part of every deletion.
+    import shlex
+    import subprocess
+    import sys
+
+    port = free_port()
+    words = shlex.split(vllm_command_for(gw.run.dir, host="127.0.0.1", port=port, admin_token="adm-r2"))
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=b.env["VLLM_CPU_OMP_THREADS_BIND"])
+    while words[0] != "python":
+        k, v = words.pop(0).split("=", 1)
+        env[k] = v
+    assert env["S3T_ADMIN_TOKEN"] == "adm-r2"
+    log = open(gw.run.dir / "vllm-upstream.log", "w")
+    proc = subprocess.Popen([sys.executable] + words[1:], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    up = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 420:
+            assert proc.poll() is None, (gw.run.dir / "vllm-upstream.log").read_text()[-3000:]
+            try:
+                if httpx.get(up + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        # every admin path of the upstream needs the secret (vLLM's --api-key would cover /v1 only)
+        assert httpx.post(up + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}).status_code == 403
+        tok = {"Authorization": "Bearer tok-r2"}
+        n_before = len(gw.replicas)
+        r = httpx.post(gw.url + "/s3t/replicas", json={"url": up, "admin_token": "wrong"}, headers=tok, timeout=300)
+        assert r.status_code == 400 and len(gw.replicas) == n_before, r.text  # a wrong secret: refused, not added
+        r = httpx.post(gw.url + "/s3t/replicas", json={"url": up, "admin_token": "adm-r2"}, headers=tok, timeout=300)
+        assert r.status_code == 200 and r.json()["receives_traffic"], r.text
+        c = gw.replicas[r.json()["replica"]]
+        assert len(gw.replicas) == n_before + 1 and c.fenced is None and not c.local
+        assert set(c.server.ids) == {e["name"] for e in gw.routing.values() if e}
+        assert c.server.engine_loras() == set(c.server.ids.values())
+        for i in range(6):  # least outstanding, ties round-robin: sequential requests reach every replica
+            assert httpx.post(gw.url + "/v1/completions", timeout=120,
+                              json={"model": "r2", "prompt": f"u{i}", "max_tokens": 2}).status_code == 200
+        assert all(r.requests > 0 for r in gw.replicas if r.fenced is None) and c.requests >= 1
+        # a deletion now reaches all three and is acknowledged only with each one's confirmation
+        old0 = gw.routing[0]["name"]
+        seq = gw.run.sequences[gw.routing[0]["sequence"]]
+        with gw.run.ledger() as led:
+            victim = led.slice_samples(DATASET, 0, seq[gw.routing[0]["depth"] - 1])[0][0]
+        r = httpx.post(gw.url + "/s3t/delete", json={"ids": [victim], "request_id": "r2-3"}, headers=tok, timeout=300)
+        assert r.status_code == 200, r.text
+        cert = json.loads((gw.run.dir / "certificates" / "r2-3.json").read_text())
+        views = cert["served_after"]["replicas"]
+        assert len(views) == len(gw.replicas) and all(v["receives_traffic"] for v in views)
+        assert all(old0 not in v["engine_adapters"] for v in views)
+        assert old0 not in c.server.ids and c.server.engine_loras() == set(c.server.ids.values())
+        assert gw.check_integrity()["ok"]
+        m2 = scrape(gw.url)
+        assert m2[("s3t_replica_requests_total", (("replica", str(c.index)),))] == c.requests
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        log.close()

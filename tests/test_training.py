@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,3 +311,24 @@ def test_optimizer_and_clipping_reach_the_trainer_and_paper_recipes_match_the_re
                                     extra=["s3t.slices=1", "train.optim=paged_adamw_32bit"]))
         with pytest.raises(RuntimeError, match="needs CUDA"):
             StageTrainer(paged)
+
+
+def test_the_recipes_ray_section_is_checked_and_the_command_line_wins():
+    from s3t_llm.config import ConfigError, load_config
+    from s3t_llm.distributed import ray_options
+
+    RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+    cfg = load_config(RECIPES + "/cpu_smollm2.yaml", ["ray.threads=2", "ray.workers=3", "ray.address=auto"])
+    assert ray_options(cfg.ray) == {"address": "auto", "threads": 2, "workers": 3, "gpus_per_stage": None,
+                                    "max_retries": 3, "resubmits": 2}
+    got = ray_options(cfg.ray, address="10.1.2.3:6379", threads=1)
+    assert (got["address"], got["threads"], got["workers"]) == ("10.1.2.3:6379", 1, 3)
+    assert load_config(RECIPES + "/llama3_8b_alpaca.yaml").ray.gpus_per_stage == 1.0
+    for bad, msg in (("ray.threads=0", "ray.threads=0: must be >= 1"), ("ray.address=nowhere", "ray.address"),
+                     ("ray.gpus_per_stage=-1", "ray.gpus_per_stage"), ("ray.max_retries=-1", "ray.max_retries"),
+                     ("ray.fast=true", "unknown field(s) ray.fast")):
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_config(RECIPES + "/cpu_smollm2.yaml", [bad])
+    with pytest.raises(ValueError, match="--ray-workers=0"):
+        ray_options(cfg.ray, workers=0)
