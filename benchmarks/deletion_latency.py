@@ -625,32 +625,66 @@ def _load_worker(url, model, prompts, clients, tokens, stop, out):
     out.put(codes)
 
 
+def _resolve_tiny(args, runs: Path) -> None:
+    """``--model tiny``: a 4-layer random Llama with a tokenizer trained on Alpaca, built once under ``runs``."""
+    if args.model != "tiny":
+        return
+    from s3t_llm.models import build_tiny_llama
+    from s3t_llm.paths import alpaca_path
+    from s3t_llm.records import load_records
+
+    tiny = runs / "tiny-llama-model"
+    if not (tiny / "config.json").exists():
+        recs = load_records(alpaca_path())[:400]
+        build_tiny_llama(tiny, corpus=[r["instruction"] + " " + r["input"] + " " + r["output"] for r in recs],
+                         num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
+    args.model = str(tiny)
+
+
+def _serve_gateway(gw):
+    """The gateway's app on a free loopback port in a thread: (uvicorn server, thread, url)."""
+    import uvicorn
+
+    from s3t_llm.serving import free_port
+
+    port = free_port()
+    us = uvicorn.Server(uvicorn.Config(gw.app(), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=us.run, daemon=True)
+    th.start()
+    while not us.started:
+        time.sleep(0.05)
+    return us, th, f"http://127.0.0.1:{port}"
+
+
+def _start_load(args, url: str, work, prompts, load: str):
+    """For a ``load`` cell, a process of ``--load-clients`` clients through the gateway: (stop, queue, proc)."""
+    ctx = multiprocessing.get_context("spawn")
+    stop, q, proc = ctx.Event(), ctx.Queue(), None
+    if load == "load":
+        proc = ctx.Process(target=_load_worker, args=(url, work.config.name, prompts, args.load_clients,
+                                                      args.load_tokens, stop, q), daemon=True)
+        proc.start()
+        time.sleep(4.0)  # the clients' process starts, then the load is steady
+    else:
+        time.sleep(0.2)
+    return stop, q, proc
+
+
 def guarantees_bench(args) -> int:
     """Deletion-to-effect through ``POST /s3t/delete`` on one vLLM server: idle and under load (``--load-clients``
     clients x ``--load-tokens`` tokens), with the gateway before issue 11 (drain, emulated) and after (cut),
     each cell on a fresh copy of the same run, cells interleaved."""
     import httpx
-    import uvicorn
 
     from s3t_llm.run import DATASET, Run
-    from s3t_llm.serving import Gateway, VLLMServer, free_port
+    from s3t_llm.serving import Gateway, VLLMServer
     from s3t_llm.prompts import render_prompt
 
     t_start = time.perf_counter()
     command = ".venv/bin/python benchmarks/deletion_latency.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from s3t_llm.models import build_tiny_llama
-        from s3t_llm.paths import alpaca_path
-        from s3t_llm.records import load_records
-
-        tiny = runs / "tiny-llama-model"
-        if not (tiny / "config.json").exists():
-            recs = load_records(alpaca_path())[:400]
-            build_tiny_llama(tiny, corpus=[r["instruction"] + " " + r["input"] + " " + r["output"] for r in recs],
-                             num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
-        args.model = str(tiny)
+    _resolve_tiny(args, runs)
     pristine = build_run(args)
     prompts = [render_prompt(r, "alpaca") for r in pristine.heldout()] or ["Give three tips for staying healthy."]
     server = VLLMServer(pristine.model_path, max_loras=2 * pristine.shards + 2, max_lora_rank=pristine.config.lora.r,
@@ -675,23 +709,9 @@ def guarantees_bench(args) -> int:
             if variant == "before":
                 _drain_first(gw, server)
             gw.refresh("start-up")
-            port = free_port()
-            us = uvicorn.Server(uvicorn.Config(gw.app(), host="127.0.0.1", port=port, log_level="warning"))
-            th = threading.Thread(target=us.run, daemon=True)
-            th.start()
-            while not us.started:
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port}"
-            ctx = multiprocessing.get_context("spawn")
-            stop, q, codes = ctx.Event(), ctx.Queue(), {}
-            proc = None
-            if load == "load":
-                proc = ctx.Process(target=_load_worker, args=(url, work.config.name, prompts, args.load_clients,
-                                                              args.load_tokens, stop, q), daemon=True)
-                proc.start()
-                time.sleep(4.0)  # the clients' process starts, then the load is steady
-            else:
-                time.sleep(0.2)
+            us, th, url = _serve_gateway(gw)
+            stop, q, proc = _start_load(args, url, work, prompts, load)
+            codes = {}
             rows = []
             with httpx.Client(base_url=url, timeout=600) as c:
                 for k in range(args.g_deletions):
@@ -804,27 +824,16 @@ def replicas_bench(args) -> int:
     per request: the same 1-token completion on the same adapter, through the gateway and straight to vLLM's
     socket, interleaved."""
     import httpx
-    import uvicorn
 
     from s3t_llm.prompts import render_prompt
     from s3t_llm.run import DATASET
-    from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs
+    from s3t_llm.serving import Gateway, VLLMServer, replica_envs
 
     t_start = time.perf_counter()
     command = ".venv/bin/python benchmarks/deletion_latency.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
     runs = Path(args.runs_dir)
     runs.mkdir(parents=True, exist_ok=True)
-    if args.model == "tiny":
-        from s3t_llm.models import build_tiny_llama
-        from s3t_llm.paths import alpaca_path
-        from s3t_llm.records import load_records
-
-        tiny = runs / "tiny-llama-model"
-        if not (tiny / "config.json").exists():
-            recs = load_records(alpaca_path())[:400]
-            build_tiny_llama(tiny, corpus=[r["instruction"] + " " + r["input"] + " " + r["output"] for r in recs],
-                             num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
-        args.model = str(tiny)
+    _resolve_tiny(args, runs)
     pristine = build_run(args)
     prompts = [render_prompt(r, "alpaca") for r in pristine.heldout()] or ["Give three tips for staying healthy."]
     servers = [VLLMServer(pristine.model_path, max_loras=2 * pristine.shards + 2, max_lora_rank=pristine.config.lora.r,
@@ -849,20 +858,9 @@ def replicas_bench(args) -> int:
                     gw = Gateway(work, servers[:n], token="bench-token")
                     gw.check_interval = gw.reconcile_interval = 3600
                     gw.refresh("start-up")
-                    port = free_port()
-                    us = uvicorn.Server(uvicorn.Config(gw.app(), host="127.0.0.1", port=port, log_level="warning"))
-                    thr = threading.Thread(target=us.run, daemon=True)
-                    thr.start()
-                    while not us.started:
-                        time.sleep(0.05)
-                    url = f"http://127.0.0.1:{port}"
-                    ctx = multiprocessing.get_context("spawn")
-                    stop, q, codes, proc = ctx.Event(), ctx.Queue(), {}, None
-                    if load == "load":
-                        proc = ctx.Process(target=_load_worker, args=(url, work.config.name, prompts, args.load_clients,
-                                                                      args.load_tokens, stop, q), daemon=True)
-                        proc.start()
-                        time.sleep(4.0)
+                    us, thr, url = _serve_gateway(gw)
+                    stop, q, proc = _start_load(args, url, work, prompts, load)
+                    codes = {}
                     rows = []
                     with httpx.Client(base_url=url, timeout=600) as c:
                         if load == "idle" and n == 1 and rnd == 0:
