@@ -53,14 +53,19 @@ def cmd_train(args) -> int:
     run = Run.create(cfg)
     t0 = time.perf_counter()
     with hold(run.dir, "train"):  # refuses while `s3t serve` holds the run (it is the one writer then)
-        if args.ray is not None:  # the stage tree on Ray (s3t_llm/distributed.py); "local": a local instance
-            from .distributed import format_where, train_run_ray
+        if args.ray is not None or cfg.ray.enabled:  # the stage tree on Ray (s3t_llm/distributed.py)
+            from .distributed import format_where, ray_options, train_run_ray
 
-            summary = train_run_ray(run, address=args.ray, shards=args.shards, sequences=args.sequences,
-                                    precision=args.precision, threads=args.ray_threads, workers=args.ray_workers)
+            opts = ray_options(cfg.ray, address=args.ray, threads=args.ray_threads, workers=args.ray_workers)
+            summary = train_run_ray(run, shards=args.shards, sequences=args.sequences, precision=args.precision,
+                                    **opts)
             print(format_where(summary))
         else:
             summary = train_run(run, shards=args.shards, sequences=args.sequences, precision=args.precision)
+            from .training import is_main_process
+
+            if not is_main_process():  # accelerate launch / torchrun: rank 0 alone exports and writes the summary
+                return 0
         summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
         adapters = export_best(run) if not args.no_export else {}
     print(f"run: {run.dir.resolve()}")
@@ -123,7 +128,7 @@ def cmd_serve(args) -> int:
 
     serve(args.run, host=args.host, port=args.port, vllm_port=args.vllm_port, dead_shard=args.dead_shard,
           retrain=args.retrain, token=args.token, replicas=args.replicas, upstreams=args.upstream,
-          admin_token=args.upstream_token)
+          admin_token=args.upstream_token, ray=args.ray)
     return 0
 
 
@@ -213,8 +218,13 @@ def cmd_eval(args) -> int:
     if not sf.exists():
         raise FileNotFoundError(f"run {run.config.name} is not serving; start it with `s3t serve {args.run}`")
     info = json.loads(sf.read_text())
-    res = evaluate_served(run, info["url"], tasks=args.tasks.split(","), limit=args.limit or None, heldout=args.heldout,
-                          base_url=info["url"] if args.base else None, progress=True)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks needs at least one task name")
+    # evaluate_served loads (and so checks) every task before anything is scored
+    res = evaluate_served(run, info["url"], tasks=tasks, limit=args.limit or None, heldout=args.heldout,
+                          base_url=info["url"] if args.base else None, progress=True,
+                          **({"include_path": args.include_path} if args.include_path else {}))
     print(json.dumps({k: v for k, v in res.items()}, indent=2, default=str))
     return 0
 
@@ -305,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ray", nargs="?", const="local", default=None, metavar="auto|ADDRESS",
                     help="schedule the stages on Ray: no value starts a local instance sized to the machine; "
                          "'auto' or HOST:PORT joins a running cluster")
-    sp.add_argument("--ray-threads", type=int, default=1, metavar="N",
-                    help="torch threads (and CPUs reserved) per stage on Ray (default 1)")
+    sp.add_argument("--ray-threads", type=int, default=None, metavar="N",
+                    help="torch threads (and CPUs reserved) per stage on Ray (default: the recipe's ray.threads, 1)")
     sp.add_argument("--ray-workers", type=int, default=None, metavar="N",
-                    help="stages at once on a local Ray instance (default: CPUs // --ray-threads, or one per GPU)")
+                    help="stages at once on a local Ray instance (default: the recipe's ray.workers, else "
+                         "CPUs // threads, or one per GPU)")
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("status", help="shards, surviving prefixes and deletions of a run")
@@ -323,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dead-shard", choices=["none", "base"], default="none",
                     help="what a shard with no surviving prefix serves (default: nothing)")
     sp.add_argument("--retrain", action="store_true", help="retrain dead shards in the background")
+    sp.add_argument("--ray", nargs="?", const="local", default=None, metavar="auto|ADDRESS",
+                    help="with --retrain: retrain on Ray (no value: a local instance; 'auto' or HOST:PORT: a "
+                         "cluster); default: the run's ray section (ray.enabled)")
     sp.add_argument("--token", help="deletion API token (default: a random one, written to serve.json)")
     sp.add_argument("--replicas", type=int, default=1,
                     help="vLLM replicas behind the gateway (one per GPU, or disjoint CPU cores); a deletion is "
@@ -362,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a serving run")
     sp.add_argument("run")
-    sp.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated task names (eval/tasks/*.yaml)")
+    sp.add_argument("--tasks", default="arc_easy,piqa",
+                    help="comma-separated task names: old specs (eval/tasks/*.yaml), lm-eval tasks (s3t_arc_easy... "
+                         "from eval/lm_tasks, lm-eval's own, or --include-path's) or lm-eval task YAML paths; "
+                         "multiple_choice tasks only")
+    sp.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAMLs (lm-eval's --include_path)")
     sp.add_argument("--limit", type=int, default=100, help="items per task (a fixed seeded subset); 0 for all")
     sp.add_argument("--heldout", type=int, default=64, help="held-out Alpaca records for the loss")
     sp.add_argument("--base", action="store_true", help="also score the base model as a reference")

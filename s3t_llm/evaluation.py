@@ -551,8 +551,41 @@ def build_item(record: Mapping, index: int, spec: dict) -> Item:
     return Item(index=index, context=context, choices=tuple(choices), gold=gold, delimiter=delim, group=group)
 
 
+def _is_lm_eval_name(spec_or_name) -> bool:
+    """An lm-eval task (name or YAML) rather than an old spec: ``s3t_*`` names, names that are no old spec,
+    and YAML files with lm-eval's ``task:`` / ``group:`` / ``dataset_path:`` keys."""
+    if isinstance(spec_or_name, Mapping):
+        return False
+    s = str(spec_or_name)
+    p = Path(s).expanduser()
+    if s.endswith((".yaml", ".yml")) or p.is_file():
+        if not p.is_file():
+            return False   # the old "does not exist" error
+        head = re.findall(r"^(task|group|dataset_path|include)\s*:\s*(.*)$", p.read_text(errors="replace"), re.M)
+        return any(k != "include" or v.strip().strip("'\"").endswith((".yaml", ".yml")) for k, v in head)
+    return s.startswith("s3t_") or s not in list_tasks()
+
+
 def load_task(spec_or_name: str | Path | Mapping, limit: int | None = None, seed: int = 0) -> Task:
-    """Load a task: every record is validated; ``limit`` keeps a fixed seeded random subset (in file order)."""
+    """Load a task: every record is validated; ``limit`` keeps a fixed seeded random subset (in file order).
+
+    lm-eval task names (``s3t_arc_easy``, lm-eval's own) and lm-eval task YAML paths are loaded through
+    :func:`s3t_llm.lm_tasks.load_lm_tasks` (same ``limit``/``seed`` subset)."""
+    if _is_lm_eval_name(spec_or_name):
+        from . import lm_tasks
+
+        try:
+            got = lm_tasks.load_lm_tasks([str(spec_or_name)], limit=limit, seed=seed)
+        except TaskError as e:
+            if str(spec_or_name).startswith("s3t_") or not str(e).startswith("unknown lm-eval task"):
+                raise
+            raise TaskError(f"no task spec named {str(spec_or_name)!r} (looked in "
+                            f"{', '.join(str(d) for d in task_dirs())}; known: {', '.join(list_tasks()) or 'none'}) "
+                            f"and {e}") from e
+        if len(got) != 1:
+            raise TaskError(f"{spec_or_name!r} names {len(got)} lm-eval tasks ({', '.join(t.name for t in got)}); "
+                            "load them with s3t_llm.lm_tasks.load_lm_tasks")
+        return got[0]
     spec = load_spec(spec_or_name)
     records = load_records(spec)
     if not records:
@@ -1141,13 +1174,16 @@ def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str 
 
 
 def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy", "piqa"), limit: int | None = 50,
-                    heldout: int = 32, seed: int = 0, base_url: str | None = None, progress: bool = False) -> dict:
+                    heldout: int = 32, seed: int = 0, base_url: str | None = None, progress: bool = False,
+                    include_path: str | Path | Sequence[str] | None = None) -> dict:
     """Zero-shot scores (per live shard adapter and their ensemble) and held-out loss of a served run.
 
     Every live shard's adapter is scored through the gateway (``model`` = the adapter's name); the ensemble
     averages the shards' choice probabilities, as SISA/S3T ensembles do. ``base_url`` (vLLM's own URL) adds
     the base model without any fine-tuning as a reference column ``base`` (``base_url`` may be the gateway
-    itself: it routes the base model's own name to vLLM with no adapter).
+    itself: it routes the base model's own name to vLLM with no adapter). ``tasks`` are old spec names or
+    lm-eval task names / YAML paths (:mod:`s3t_llm.lm_tasks`; ``include_path``: more lm-eval task folders); a task
+    with its own lm-eval metrics (``process_results``) also gets ``lm_eval`` (per shard and ensemble).
     """
     import requests
 
@@ -1171,13 +1207,20 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
                                              max_length=max_len, batch_size=1)
     if not scorers:
         out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
-    loaded = [load_task(t, limit=limit, seed=seed) for t in tasks]
+    from . import lm_tasks
+
+    loaded = [x for t in tasks for x in (lm_tasks.load_lm_tasks([t], include_path=include_path, limit=limit, seed=seed)
+                                         if include_path is not None and _is_lm_eval_name(t)
+                                         else [load_task(t, limit=limit, seed=seed)])]
     if scorers:
-        res = evaluate(scorers, loaded, progress=progress)
+        res = evaluate(scorers, loaded, progress=progress, return_samples=True)
         for name, tr in res["tasks"].items():
             ens = tr["ensemble"] if len(scorers) > 1 else tr["scorers"][next(iter(scorers))]
             out["tasks"][name] = {"acc": ens["acc"], "acc_norm": ens["acc_norm"], "n": tr["n"],
                                   "per_shard": {s: tr["scorers"][s]["acc"] for s in scorers}}
+        for t in loaded:
+            if isinstance(t, lm_tasks.LMTask) and t.custom_metrics:
+                out["tasks"][t.name]["lm_eval"] = lm_tasks.lm_eval_scores(t, res["samples"][t.name], list(scorers))
     if refs:
         res = evaluate(refs, loaded, progress=progress)
         for name, tr in res["tasks"].items():

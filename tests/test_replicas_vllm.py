@@ -15,13 +15,10 @@ pytest.importorskip("torch")
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from s3t_llm.deletion import publish  # noqa: E402
 from s3t_llm.prompts import alpaca_prompt  # noqa: E402
-from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.run import DATASET  # noqa: E402
 from s3t_llm.serving import Gateway, VLLMServer, free_port, replica_envs, vllm_command_for  # noqa: E402
-from s3t_llm.training import train_run  # noqa: E402
-from tests.test_gateway_http import serve_in_thread  # noqa: E402
-from tests.test_training import make_cfg  # noqa: E402
+from tests.vllm_helpers import serving_gateway, tiny_vllm_model, trained_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = alpaca_prompt("Describe a sunset.")
@@ -40,20 +37,11 @@ def scrape(url) -> dict:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, alpaca_sample):
-    from s3t_llm.models import build_tiny_llama
-
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("two CPU replicas need two cores")
     d = tmp_path_factory.mktemp("replicas-vllm")
-    corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
-    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2, bf16_exact=True)
-    cfg_file = model / "config.json"
-    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), max_position_embeddings=2048)))
-    data = d / "data.json"
-    data.write_text(json.dumps(alpaca_sample[:32]))
-    run = Run.create(make_cfg(d, model, data, name="r2", extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=1"]))
-    train_run(run, progress=False)
-    publish(run)
+    model = tiny_vllm_model(d, alpaca_sample, max_positions=2048)
+    run = trained_run(d, model, alpaca_sample[:32], "r2", ["s3t.shards=2", "s3t.slices=2", "s3t.budget=1"])
     servers = [VLLMServer(run.model_path, max_loras=4, max_lora_rank=run.config.lora.r, max_model_len=2048,
                           log_file=d / f"vllm-{i}.log", env=env) for i, env in enumerate(replica_envs(2))]
     for s in servers:  # from this thread (vLLM's parent-death signal follows the launching thread)
@@ -61,15 +49,8 @@ def two(tmp_path_factory, alpaca_sample):
     try:
         for s in servers:
             s.wait_ready(timeout=420)
-        gw = Gateway(run, servers, token="tok-r2", local_replicas=True)
-        gw.check_interval = gw.reconcile_interval = 3600  # the test drives supervision itself
-        gw.refresh("start-up")
-        port = free_port()
-        usrv, t = serve_in_thread(gw.app(), host="127.0.0.1", port=port)
-        gw.url = f"http://127.0.0.1:{port}"
-        yield gw
-        usrv.should_exit = True
-        t.join(15)
+        with serving_gateway(Gateway(run, servers, token="tok-r2", local_replicas=True)) as gw:
+            yield gw
     finally:
         for s in servers:
             s.stop()

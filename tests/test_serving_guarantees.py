@@ -17,13 +17,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from s3t_llm.deletion import publish  # noqa: E402
 from s3t_llm.prompts import alpaca_prompt  # noqa: E402
-from s3t_llm.run import DATASET, Run  # noqa: E402
-from s3t_llm.serving import Gateway, VLLMServer, free_port  # noqa: E402
-from s3t_llm.training import train_run  # noqa: E402
-from tests.test_gateway_http import serve_in_thread  # noqa: E402
-from tests.test_training import make_cfg  # noqa: E402
+from s3t_llm.run import DATASET  # noqa: E402
+from s3t_llm.serving import Gateway, VLLMServer  # noqa: E402
+from tests.vllm_helpers import serving_gateway, tiny_vllm_model, trained_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPT = alpaca_prompt("Describe a sunset.")
@@ -32,34 +29,16 @@ LONG = 3500  # far longer than the test waits (max_model_len 4096): vLLM may del
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, alpaca_sample):
-    from s3t_llm.models import build_tiny_llama
-
     d = tmp_path_factory.mktemp("guarantees")
-    corpus = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in alpaca_sample]
-    model = build_tiny_llama(d / "model", corpus=corpus, num_layers=4, vocab_size=1024, init_std=0.2,
-                             bf16_exact=True)
-    # Room for long generations: the random model's positions are RoPE, computed for any length.
-    cfg_file = model / "config.json"
-    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), max_position_embeddings=4096)))
-    data = d / "data.json"
-    data.write_text(json.dumps(alpaca_sample[:48]))
-    run = Run.create(make_cfg(d, model, data, name="grt", extra=[
-        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2"]))
-    train_run(run, progress=False)
-    publish(run)
+    model = tiny_vllm_model(d, alpaca_sample, max_positions=4096)  # room for long generations
+    run = trained_run(d, model, alpaca_sample[:48], "grt", [
+        "s3t.shards=2", "s3t.slices=2", "s3t.budget=2", "train.learning_rate=0.01", "train.epochs=2"])
     server = VLLMServer(run.model_path, max_loras=4, max_lora_rank=run.config.lora.r, max_model_len=4096,
                         log_file=d / "vllm.log")
     server.start(timeout=420)
     try:
-        gw = Gateway(run, server, token="tok-guarantees")
-        gw.check_interval = 3600  # the tests call check_integrity themselves
-        gw.refresh("start-up")
-        port = free_port()
-        usrv, t = serve_in_thread(gw.app(), host="127.0.0.1", port=port)
-        gw.url = f"http://127.0.0.1:{port}"
-        yield gw
-        usrv.should_exit = True
-        t.join(15)
+        with serving_gateway(Gateway(run, server, token="tok-guarantees")) as gw:
+            yield gw
     finally:
         server.stop()
 
