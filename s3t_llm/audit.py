@@ -455,6 +455,42 @@ def attack_table(ms: ModelScores, *, attacks: Sequence[str] = ATTACKS, k: float 
     return out
 
 
+def audit_model(model, tokenizer, members: Sequence[Mapping], nonmembers: Sequence[Mapping], *,
+                template: str = "alpaca", max_length: int | None = None, reference: tuple | None = None,
+                k: float = DEFAULT_K, n_boot: int = 1000, seed: int = 0, max_new_tokens: int = 32,
+                generate: bool = True, batch_size: int = 8) -> dict:
+    """The audit suite on ONE model (any transformers / PEFT model, e.g. an approximately unlearned adapter):
+    ``attacks`` (AUC with CI per attack, members vs non-members), per-member ``scores`` (:class:`TokenScores`,
+    None where the response was truncated away), ``rouge_l_f`` (greedy completion vs the reference answer) and
+    ``mean_member_loss``. ``reference``: (member scores, non-member scores) under the reference model, aligned
+    with ``members`` / ``nonmembers`` (the reference attack). Compare two results with :func:`compare_to_oracle`."""
+    kw = dict(template=template, max_length=max_length, batch_size=batch_size)
+    m = score_records_hf(model, tokenizer, members, **kw)
+    h = score_records_hf(model, tokenizer, nonmembers, **kw)
+    ref_m, ref_h = reference if reference is not None else ([0] * len(m), [0] * len(h))
+    keep_m = [j for j, x in enumerate(m) if x is not None and ref_m[j] is not None]
+    keep_h = [j for j, x in enumerate(h) if x is not None and ref_h[j] is not None]
+    groups = [([m[j] for j in keep_m], [h[j] for j in keep_h])]
+    refs = [([ref_m[j] for j in keep_m], [ref_h[j] for j in keep_h])] if reference is not None else None
+    attacks = attack_table(ModelScores(groups, refs), k=k, n_boot=n_boot, seed=seed,
+                           attacks=ATTACKS if reference is not None else [a for a in ATTACKS if a != "reference"])
+    out = {"attacks": attacks, "scores": m, "n_members": len(keep_m), "n_nonmembers": len(keep_h),
+           "mean_member_loss": float(np.mean([m[j].loss for j in keep_m])) if keep_m else None}
+    if generate:
+        gens = greedy_completions(model, tokenizer, members, template=template, max_new_tokens=max_new_tokens)
+        out["rouge_l_f"] = float(np.mean([rouge_l(g, r["output"])["f"] for g, r in zip(gens, members)]))
+    return out
+
+
+def compare_to_oracle(res: Mapping, oracle: Mapping) -> dict:
+    """PrivLeak per attack and the TOFU forget quality (KS p-value of the per-member mean token losses) of an
+    :func:`audit_model` result against the oracle's (the model retrained without the members)."""
+    both = [j for j, (a, b) in enumerate(zip(res["scores"], oracle["scores"])) if a is not None and b is not None]
+    return {"privleak": privleak_table(res["attacks"], oracle["attacks"]),
+            "forget_quality": forget_quality([res["scores"][j].loss for j in both],
+                                             [oracle["scores"][j].loss for j in both])}
+
+
 def privleak_table(served: dict, oracle: dict) -> dict:
     out = {}
     for a, r in served.items():
