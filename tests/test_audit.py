@@ -181,6 +181,32 @@ def test_hf_adapter_equals_the_projects_scorer_and_the_vocabulary_statistics(tin
     assert got[0].text == recs[0]["output"]
 
 
+def test_audit_model_of_a_model_against_itself_and_against_a_perturbed_copy(tiny_model, alpaca_sample):
+    """audit_model on one model: every attack has an AUC; compared with itself, PrivLeak is 0 and the forget
+    quality p-value is 1; a copy whose output head is changed is told apart by the KS test."""
+    import copy
+
+    import torch
+
+    model, tok = tiny_model
+    mem, non = alpaca_sample[:10], alpaca_sample[10:20]
+    ref = (A.score_records_hf(model, tok, mem, max_length=128), A.score_records_hf(model, tok, non, max_length=128))
+    res = A.audit_model(model, tok, mem, non, max_length=128, reference=ref, n_boot=50, max_new_tokens=4)
+    assert set(res["attacks"]) == set(A.ATTACKS) and res["n_members"] == sum(x is not None for x in ref[0]) >= 8
+    assert res["n_nonmembers"] == sum(x is not None for x in ref[1]) >= 8  # a response cut away is left out
+    assert all(0.0 <= res["attacks"][a]["auc"] <= 1.0 for a in A.ATTACKS)
+    assert res["attacks"]["reference"]["auc"] == 0.5  # loss minus the same model's loss: all ties
+    assert 0.0 <= res["rouge_l_f"] <= 1.0
+    same = A.compare_to_oracle(res, res)
+    assert all(v["privleak"] == 0.0 for v in same["privleak"].values() if v) and same["forget_quality"]["pvalue"] == 1.0
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)
+    res2 = A.audit_model(other, tok, mem, non, max_length=128, n_boot=50, generate=False)
+    assert "reference" not in res2["attacks"] and "rouge_l_f" not in res2
+    assert A.compare_to_oracle(res2, res)["forget_quality"]["pvalue"] < 0.01
+
+
 class _FakeVLLM:
     """Answers /v1/completions with prompt_logprobs computed by a transformers model (str token keys, as JSON)."""
 
