@@ -74,6 +74,8 @@ def cache_cost(m: int, L: int, B: int, N: int = 30, n: int = 30, epochs: float =
     * cached stage k (boundary lo_k = N - d_k > 0): epochs x k slices x 2 d_k (only the layers from the boundary
       up run, forward and backward), plus the fill: each sample forwarded once through the layers below the
       highest boundary it is needed at (the lower boundaries are captured on the way), independent of epochs.
+      That is what ``ActivationCache.prepare`` does (per (shard, slice) cell, in the cell's canonical batches of
+      ``train.batch_size``; the right padding of those batches is not counted, as it is not for training).
 
     ``head``: the LM head's cost in layer units (forward, and the same again for its input-gradient backward), paid
     by both paths (SmolLM2-135M: vocab 49152 x 576 against ~3.5M weights a layer, about 8).

@@ -7,7 +7,8 @@
 Both runs train the same recipe (same data, seed, plan) from scratch in this process, one after the other
 (order alternates with --repeats), each through ``s3t_llm.training.train_run`` (what ``s3t train`` calls) with
 ``train.cache_activations`` false / true; the wall time includes the base-model load. Per stage it reports the
-set-up (tokenisation, Trainer construction), the cache fill (the frozen lower-stack forwards, one per sample) and
+set-up (tokenisation, Trainer construction), the cache fill (the frozen lower-stack forwards, per (shard, slice)
+cell in the cell's canonical batches of train.batch_size, each cell once up to the highest boundary it is needed at) and
 ``train()`` (forward + backward + optimizer; not separable without instrumenting the Trainer's loop), and how far
 the losses of the two runs are apart. Next to it: the cost model of ``benchmarks/plan_compute.py``
 (``cache_cost``) for the same plan.
@@ -16,6 +17,7 @@ the losses of the two runs are apart. Next to it: the cost model of ``benchmarks
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     sets = args.set if args.set is not None else ["data.limit=48", "data.heldout=0"]
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="s3t-cache-bench-"))
     res: dict[str, list[dict]] = {"off": [], "on": []}
+    load_before = os.getloadavg()
     for i in range(args.repeats):
         for which in (("off", "on") if i % 2 == 0 else ("on", "off")):
             cfg = load_config(args.recipe, [*sets, f"output_dir={work}", f"name=cache-{which}-{i}",
@@ -72,6 +75,7 @@ def main(argv=None) -> int:
             res[which].append(r)
             print(f"  cache {which}: {summary['stages_trained']} stages, wall {wall:.1f}s, "
                   f"train() {summary['seconds']:.1f}s", flush=True)
+    load_after = os.getloadavg()
     cfg = res["on"][0]["cfg"]
     run = res["on"][0]["run"]
     md = lambda k, f: statistics.median(f(r) for r in res[k])  # noqa: E731
@@ -84,10 +88,11 @@ def main(argv=None) -> int:
 
     # Per stage (first repeat of each), with the loss difference.
     off0, on0 = res["off"][0], res["on"][0]
-    rows = []
+    rows, rels = [], []
     for b_off, b_on in zip(off0["summary"]["blocks"], on0["summary"]["blocks"]):
         key = (b_off["shard"], tuple(b_off["prefix"]))
         lo, ln = off0["mans"][key]["train_loss"], on0["mans"][key]["train_loss"]
+        rels.append(abs(lo - ln) / abs(lo))
         rows.append([f"s{key[0]} p{'-'.join(map(str, key[1]))}", on0["mans"][key]["n_used"],
                      b_on["cache_layer"], f"{b_off['setup_s']:.2f}", f"{b_off['seconds']:.1f}",
                      f"{b_on['setup_s']:.2f}", f"{b_on['cache_fill_s']:.2f}", f"{b_on['seconds']:.1f}",
@@ -103,7 +108,9 @@ def main(argv=None) -> int:
     text = "\n".join([
         "# Activation cache: whole `s3t train` wall time, cache off vs on", "",
         f"Command: `{cmd.strip()}`  ", f"Date: {time.strftime('%Y-%m-%d %H:%M')}  ",
-        f"Machine: {C.machine()}" if hasattr(C, "machine") else "Machine: the project's shared 2-core CPU box", "",
+        f"Machine: {C.machine()}" if hasattr(C, "machine") else "Machine: the project's shared 2-core CPU box",
+        "Load average (1/5/15 min) before: " + " ".join(f"{x:.2f}" for x in load_before) + "; after: "
+        + " ".join(f"{x:.2f}" for x in load_after), "",
         f"Recipe `{Path(args.recipe).name}` with {' '.join(sets) or 'no overrides'}: {cfg.model.name}, "
         f"{cfg.model.precision}, m={cfg.s3t.shards} L={cfg.s3t.slices} B={cfg.s3t.budget}, LoRA on the top "
         f"{n_lora} of {n_layers} layers (blocks {run.blocks}), {cfg.data.limit} samples, batch "
@@ -114,6 +121,7 @@ def main(argv=None) -> int:
             ["whole train_run wall s (incl. model load)", f"{wall_off:.1f}", f"{wall_on:.1f}", f"{wall_off / wall_on:.2f}x"],
             ["sum of train() s", f"{tr_off:.1f}", f"{tr_on:.1f}", f"{tr_off / tr_on:.2f}x"],
             ["sum of cache fill s", "0", f"{fill_on:.1f}", ""],
+            ["sum of train() + fill s", f"{tr_off:.1f}", f"{tr_on + fill_on:.1f}", f"{tr_off / (tr_on + fill_on):.2f}x"],
             ["sum of stage set-up s (tokenise + Trainer)", f"{setup_off:.1f}", f"{setup_on:.1f}", ""],
             ["cost model (plan_compute.cache_cost), layer-passes", f"{cc['uncached']:.0f}",
              f"{cc['cached']:.0f} (fill {cc['fill']:.0f})", f"{cc['uncached'] / cc['cached']:.2f}x"],
@@ -121,10 +129,12 @@ def main(argv=None) -> int:
              f"{md('on', lambda r: r['maxrss_mib']):.0f}", "(cumulative peak of one process)"],
         ]), "",
         "Per stage (first pair): `set-up` = tokenisation + Trainer construction, `fill` = the frozen lower-stack "
-        "forwards for the stage's samples not yet cached (one per sample and boundary layer set), `train()` = "
+        "forwards for the stage's slices not yet cached (each slice once, in its canonical batches, up to the highest "
+        "boundary the plan needs it at), `train()` = "
         "forward + backward + optimizer steps. Loss rel. diff = |loss off - loss on| / loss off (stage mean loss).", "",
         C.md_table(["stage", "samples", "cache layer", "off set-up s", "off train() s", "on set-up s", "on fill s",
-                    "on train() s", "off / (on train+fill)", "loss rel. diff"], rows),
+                    "on train() s", "off / (on train+fill)", "loss rel. diff"], rows), "",
+        f"Largest stage-loss relative difference, cache on vs off: {max(rels):.1e} over {len(rels)} stages.",
     ])
     C.write_result(text + "\n", args.out)
     print(text)

@@ -2,29 +2,47 @@
 
 With top-down blocks (block 1 nearest the output), stage k of a sequence trains block k; every LoRA layer below
 block k's lowest layer ``lo`` belongs to a block > k, which is zero at stage k (a zero LoRA B adds exactly 0.0),
-and the layers without LoRA are the frozen base. So the hidden state that enters layer ``lo`` is, for a sample,
-a function of the base model and the sample's token ids alone: the same at every stage whose boundary is
-``lo``, in every sequence of the shard and in every retraining. The cache holds it (key: base fingerprint,
-precision, layer, sha256 of the token ids) and the stage runs only layers ``lo..N-1``: the decoder is given the
-cached states as ``inputs_embeds`` (padded to the batch like the token ids, right padding, zeros at pad
-positions) with the batch's own attention mask; position ids are the decoder's default ``arange`` as in the
-uncached path.
+and the layers without LoRA are the frozen base. So the hidden state that enters layer ``lo`` is a function of
+the base model and of token ids alone: the same at every stage whose boundary is ``lo``, in every sequence of
+the shard and in every retraining. The cache holds it (key: layer, the (shard, slice, slice content hash) cell
+the sample belongs to, sha256 of the token ids; the cache belongs to one base fingerprint and precision) and
+the stage runs only layers ``lo..N-1``: the decoder is given the cached states as ``inputs_embeds`` (padded to
+the batch like the token ids, right padding, zeros at pad positions) with the batch's own attention mask;
+position ids are the decoder's default ``arange`` as in the uncached path.
 
 Exactness (what may be reused, and when):
 
-* an entry is computed from ONE sample (batch of one, unpadded, adapters zero below the boundary, eval mode,
-  no grad), so its value never depends on which stage or batch first needed it: a stage's result stays a
-  deterministic function of (seed, shard, prefix, data, parent blocks) whether entries were hits or fills;
-* a stage looks entries up by the token ids of its own live samples only (read from the ledger for that stage);
+* entries are filled per (shard, slice) cell, in that cell's canonical batches: the cell's live samples that the
+  stage trains on (TRL drops a sample by its own content only), in ledger order, duplicates of token ids kept
+  once (first occurrence), cut into batches of a fixed size (``train.batch_size``), right-padded with the pad
+  token and the attention mask exactly as TRL's collator pads the uncached path; eval mode, no grad, adapters
+  zero below the boundary. An entry's value is therefore a function of its own slice's live samples only, the
+  slice's data, which every stage using that entry trains on anyway (it is in the stage's prefix); batch-mates
+  from other slices or shards never occur. It does not depend on which stage or sequence first needed it (the
+  same slice content gives the same batches, so the same bits), so a stage's result stays a deterministic
+  function of (seed, shard, prefix, the prefix's data, parent blocks) whether its entries were hits or fills;
+* a stage looks entries up in the cells of its own prefix only, by the token ids of its own live samples (read
+  from the ledger for that stage); if two cells of the prefix hold the same token ids, the first cell in prefix
+  order answers (a choice from the stage's own data);
+* a deletion changes the slice's content hash, so the slice's old entries can never answer again (the key
+  carries the hash), and the trainer clears the whole cache anyway when the ledger's slice hashes change: the
+  new canonical batches of the changed slice are filled afresh, and the other slices' entries, filled again,
+  come out bit for bit the same (their batches did not change);
 * ``boundary`` refuses a stage where any block below the boundary is not zero at that stage, and ``check_zero``
   verifies it on the tensors before every cached stage (a non-zero block below the boundary is an error);
 * in memory only (never written anywhere), bounded by ``limit_bytes``; a stage whose entries do not fit runs
   uncached (a decision from the stage's own data, so deterministic); ``clear`` drops everything (the trainer
   calls it when ``train_run`` returns and when the ledger's slice hashes change, i.e. a deletion landed).
 
-Numerics: on CPU fp32 the per-sample state differs from the one computed inside a padded batch of several
-samples by float rounding (relative ~5e-7 on SmolLM2: the matrix products see other shapes), so a cached stage
-matches an uncached one to ~1e-6 in its losses, not bit for bit; cached runs reproduce each other bit for bit.
+Cost: a cell is forwarded once, up to the highest boundary any stage of the plan needs it at (``fill_to``, a
+hint from the plan: ``highest_boundary``), capturing every lower boundary on the way; the layers below a
+boundary are identical computations whichever higher layer the forward stops at, so the hint changes the cost,
+never the values. Memory: entries = samples x tokens x hidden x bytes, per boundary layer held.
+
+Numerics: on CPU fp32 a state computed in its slice's canonical batch differs from the one the uncached path
+computes inside a training batch (other batch-mates, other padded length: the matrix products see other
+shapes) by float rounding (relative ~1e-7 on SmolLM2), so a cached stage matches an uncached one to ~1e-6 in
+its losses, not bit for bit; cached runs reproduce each other bit for bit.
 
 LoRA dropout: the uncached forward draws a dropout mask for every LoRA module of the zero blocks below the
 boundary too. The cached path makes the same draws (``F.dropout`` on empty tensors of the same shapes, dtype
@@ -61,6 +79,27 @@ def boundary(blocks: list[list[int]], k: int) -> int | None:
     return lo
 
 
+def highest_boundary(blocks: list[list[int]], sequences, sl: int, layer: int | None = None) -> int | None:
+    """The highest boundary layer at which any stage of ``sequences`` needs slice ``sl``'s entries (slice ``sl``
+    at position p of a sequence is in the prefix of stages p+1..L), at least ``layer``. A cost hint for the
+    fill (how far up to forward a cell once); it never changes an entry's value."""
+    tops = [x for seq in sequences for p, s in enumerate(seq) if int(s) == int(sl)
+            for x in (boundary(blocks, k) for k in range(p + 1, len(blocks) + 1)) if x is not None]
+    if layer is not None:
+        tops.append(layer)
+    return max(tops) if tops else None
+
+
+def zero_top(block_params: dict, blocks: list[list[int]]) -> int:
+    """The highest layer whose entering state is, right now, the frozen base's: every LoRA layer below it has
+    zero B matrices (read from the tensors). A fill may forward up to it, never above."""
+    top = max(i for b in blocks for i in b) + 1
+    for b, params in block_params.items():
+        if any("lora_B" in name and bool(p.detach().abs().sum() != 0) for name, p in params):
+            top = min(top, min(blocks[b - 1]))
+    return top
+
+
 def token_key(ids) -> str:
     import numpy as np
 
@@ -68,23 +107,29 @@ def token_key(ids) -> str:
 
 
 class ActivationCache:
-    """Per-sample hidden states entering a layer of one frozen base model; in memory, bounded."""
+    """Hidden states entering a layer of one frozen base model, filled per (shard, slice) cell in that cell's
+    canonical batches (see the module docstring); in memory, bounded."""
 
     def __init__(self, base_id: str, limit_bytes: int):
         self.base_id = base_id
         self.limit_bytes = int(limit_bytes)
-        self._entries: dict[tuple[int, str], object] = {}  # (layer, token key) -> tensor (n, hidden), CPU
-        self._last_use: dict[tuple[int, str], int] = {}
+        # (layer, cell, token key) -> tensor (n, hidden), CPU; cell = (shard, slice, slice content hash)
+        self._entries: dict[tuple, object] = {}
+        self._last_use: dict[tuple, int] = {}
+        # layer -> token key -> entry key, for the stage being trained (set by ``prepare``)
+        self._active: dict[int, dict[str, tuple]] = {}
         self._clock = 0
         self._nbytes = 0
-        self.stats = {"fills": 0, "hits": 0, "fill_seconds": 0.0, "stages_cached": 0, "stages_over_limit": 0,
-                      "clears": 0}
+        self.stats = {"fills": 0, "hits": 0, "fill_seconds": 0.0, "fill_batches": 0, "stages_cached": 0,
+                      "stages_over_limit": 0, "clears": 0}
 
     @property
     def nbytes(self) -> int:
         return self._nbytes
 
     def _put(self, key, tensor) -> None:
+        if key in self._entries:
+            self._drop(key)
         self._entries[key] = tensor
         self._last_use[key] = self._clock
         self._nbytes += tensor.numel() * tensor.element_size()
@@ -100,26 +145,55 @@ class ActivationCache:
     def clear(self) -> None:
         self._entries.clear()
         self._last_use.clear()
+        self._active.clear()
         self._nbytes = 0
         self.stats["clears"] += 1
+
+    def entry(self, layer: int, cell, ids):
+        """The entry of one sample (token ids) of ``cell`` at ``layer``, or None."""
+        return self._entries.get((layer, cell, token_key(ids)))
 
     @staticmethod
     def entry_bytes(n_tokens: int, hidden: int, element_size: int) -> int:
         return int(n_tokens) * int(hidden) * int(element_size)
 
-    def prepare(self, model, layer: int, rows: list[list[int]], also: tuple[int, ...] = ()) -> bool:
-        """Make sure every row (a sample's token ids) has its entry at ``layer``; False (nothing changed) when the
-        rows' entries together exceed the limit, so the stage must run uncached. ``also``: lower layers (other
-        stages' boundaries) captured on the way by the same forward, kept only where they fit in the limit."""
+    @staticmethod
+    def canonical_batches(rows: list[list[int]], batch_size: int) -> list[list[tuple[str, list[int]]]]:
+        """A cell's fill batches: its rows in ledger order, duplicate token ids kept once (first occurrence), cut
+        into batches of ``batch_size``; a function of the cell's content alone."""
+        seen, uniq = set(), []
+        for r in rows:
+            tk = token_key(r)
+            if tk not in seen:
+                seen.add(tk)
+                uniq.append((tk, list(r)))
+        bs = max(1, int(batch_size))
+        return [uniq[i:i + bs] for i in range(0, len(uniq), bs)]
+
+    def prepare(self, model, layer: int, groups, also: tuple[int, ...] = (), *, batch_size: int = 4,
+                pad_id: int = 0, fill_to: dict | None = None) -> bool:
+        """Make sure every sample of the stage has its entry at ``layer``. ``groups``: ``[(cell, rows)]``, one per
+        slice of the stage's prefix in prefix order; ``cell`` = (shard, slice, slice content hash), ``rows`` = the
+        token ids of the cell's samples the stage trains on, in ledger order. A cell with missing entries is
+        forwarded in its canonical batches (``canonical_batches``; right padding with ``pad_id`` and the
+        attention mask, as TRL's collator pads), up to ``fill_to[cell]`` (default ``layer``), capturing ``layer``
+        and each of ``also`` (other stages' boundaries) on the way; entries other than ``layer``'s are kept only
+        where they fit in the limit. False (nothing changed) when the stage's entries at ``layer`` together
+        exceed the limit: the stage must run uncached."""
         import torch
 
         inner = _decoder(model)
         hidden = inner.config.hidden_size
         dtype = _hidden_dtype(inner)
         esize = torch.empty((), dtype=dtype).element_size()
-        keys = {}
-        for r in rows:
-            keys.setdefault((layer, token_key(r)), r)
+        fill_to = fill_to or {}
+        batches = {cell: self.canonical_batches(rows, batch_size) for cell, rows in groups}
+        keys, active = {}, {}  # entry key at `layer` -> token ids; token key -> entry key (first cell answers)
+        for cell, _ in groups:
+            for batch in batches[cell]:
+                for tk, ids in batch:
+                    keys[(layer, cell, tk)] = ids
+                    active.setdefault(tk, (layer, cell, tk))
         need = sum(self.entry_bytes(len(r), hidden, esize) for r in keys.values())
         if need > self.limit_bytes:
             self.stats["stages_over_limit"] += 1
@@ -135,73 +209,102 @@ class ActivationCache:
                 if self.nbytes + fill_bytes <= self.limit_bytes:
                     break
         t0 = time.perf_counter()
-        if missing:
-            self._fill(model, layer, [(key, keys[key]) for key in missing],
-                       tuple(sorted(x for x in set(also) if x < layer)), hidden * esize)
+        miss = set(missing)
+        work = []  # (cell, top layer, the canonical batches holding a missing entry)
+        for cell, _ in groups:
+            todo = [b for b in batches[cell] if any((layer, cell, tk) in miss for tk, _ in b)]
+            if todo:
+                work.append((cell, max(layer, int(fill_to.get(cell) or layer)), todo))
+        if work:
+            self._fill(model, layer, work, tuple(sorted(set(also) | {layer})), hidden * esize, pad_id)
         self.stats["fill_seconds"] += time.perf_counter() - t0
         self.stats["fills"] += len(missing)
         self.stats["hits"] += len(keys) - len(missing)
         self._clock += 1
         for key in keys:
             self._last_use[key] = self._clock
+        self._active[layer] = active
+        self.stats["stages_cached"] += 1
         return True
 
-    def _fill(self, model, layer: int, items, also: tuple[int, ...] = (), token_bytes: int = 0) -> None:
-        """One forward per sample (batch of one, no padding) through the layers below ``layer``, capturing the
-        states entering ``layer`` (and entering each of ``also`` on the way, where they fit in the limit)."""
+    def _fill(self, model, layer: int, work, capture: tuple[int, ...], token_bytes: int, pad_id: int) -> None:
+        """Forward each cell's canonical batches through the layers below its top layer, capturing the states
+        entering each boundary of ``capture`` up to the top. ``layer``'s entries are always kept; the others
+        where they fit in the limit (after what is still to be filled at ``layer``)."""
         import torch
 
         inner = _decoder(model)
         dev = next(inner.parameters()).device
-        box = {}
+        box, state = {}, {"top": layer}
 
         def capture_at(li):
-            def capture(mod, args, kwargs):
+            def hook(mod, args, kwargs):
                 box[li] = args[0] if args else kwargs["hidden_states"]
-                if li == layer:
+                if li == state["top"]:
                     raise _Captured
-            return capture
+            return hook
 
+        tops = {top for _, top, _ in work}
+        layers = sorted(set(capture) | tops)
         was_training = model.training
         model.eval()
-        handles = [inner.layers[li].register_forward_pre_hook(capture_at(li), with_kwargs=True)
-                   for li in (*also, layer)]
-        pending = sum(len(ids) for _, ids in items) * token_bytes  # still to fill: reserved for them
+        handles = [inner.layers[li].register_forward_pre_hook(capture_at(li), with_kwargs=True) for li in layers]
+        # What `layer` still has to receive: reserved for it before any other layer's entry is kept.
+        pending = sum(len(ids) for cell, _, bs in work for b in bs for tk, ids in b
+                      if (layer, cell, tk) not in self._entries) * token_bytes
         try:
             with torch.no_grad():
-                for key, ids in items:
-                    t = torch.tensor([ids], dtype=torch.long, device=dev)
-                    try:
-                        inner(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False)
-                    except _Captured:
-                        pass
-                    else:  # pragma: no cover - the hook always fires
-                        raise RuntimeError(f"activation cache: layer {layer} was never reached")
-                    self._put(key, box.pop(layer)[0].detach().to("cpu", copy=True))
-                    pending -= len(ids) * token_bytes
-                    for li in also:
-                        h = box.pop(li)
-                        extra = len(ids) * token_bytes
-                        if (li, key[1]) not in self._entries and \
-                                self._nbytes + pending + extra <= self.limit_bytes:
-                            self._put((li, key[1]), h[0].detach().to("cpu", copy=True))
+                for cell, top, cell_batches in work:
+                    state["top"] = top
+                    here = [li for li in layers if li <= top]
+                    for batch in cell_batches:
+                        lengths = [len(ids) for _, ids in batch]
+                        T = max(lengths)
+                        t = torch.full((len(batch), T), int(pad_id), dtype=torch.long)
+                        mask = torch.zeros((len(batch), T), dtype=torch.long)
+                        for b, (_, ids) in enumerate(batch):
+                            t[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                            mask[b, :len(ids)] = 1
+                        box.clear()
+                        try:
+                            inner(input_ids=t.to(dev), attention_mask=mask.to(dev), use_cache=False)
+                        except _Captured:
+                            pass
+                        else:  # pragma: no cover - the hook always fires
+                            raise RuntimeError(f"activation cache: layer {top} was never reached")
+                        self.stats["fill_batches"] += 1
+                        for li in here:
+                            h = box.pop(li).detach().to("cpu")
+                            for b, (tk, ids) in enumerate(batch):
+                                key = (li, cell, tk)
+                                n = lengths[b]
+                                if li == layer:
+                                    if key not in self._entries:
+                                        self._put(key, h[b, :n].clone())
+                                        pending -= n * token_bytes
+                                elif key not in self._entries and \
+                                        self._nbytes + max(pending, 0) + n * token_bytes <= self.limit_bytes:
+                                    self._put(key, h[b, :n].clone())
         finally:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
 
     def batch_states(self, layer: int, input_ids, attention_mask):
-        """The cached states for a right-padded batch: (B, T, hidden), zeros at pad positions."""
+        """The cached states for a right-padded batch of the prepared stage: (B, T, hidden), zeros at pad
+        positions."""
         import torch
 
         B, T = input_ids.shape
+        active = self._active.get(layer, {})
         rows = []
         lengths = attention_mask.sum(dim=1).tolist()
         for b in range(B):
             n = int(lengths[b])
             if n and not bool(attention_mask[b, :n].all()):
                 raise RuntimeError("activation cache: the batch is not right-padded")
-            h = self._entries.get((layer, token_key(input_ids[b, :n].tolist())))
+            key = active.get(token_key(input_ids[b, :n].tolist()))
+            h = self._entries.get(key) if key is not None else None
             if h is None:
                 raise RuntimeError("activation cache: a batch row has no entry (not one of the stage's samples)")
             rows.append(h)

@@ -157,7 +157,31 @@ class Run:
 
     @classmethod
     def create(cls, cfg: RunConfig) -> "Run":
-        """Create the run directory, or reopen it if the frozen parts agree with ``cfg``."""
+        """Create the run directory, or reopen it if the frozen parts agree with ``cfg``.
+
+        Under a distributed launcher (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``) this is a
+        collective that every rank calls: rank 0 alone creates (or checks) the run, writing run.json and
+        registering the ledger; the other ranks wait for it and then open what it made. An error on rank 0 is
+        raised on every rank."""
+        from .training import on_main_then_broadcast, world_size
+
+        if world_size() == 1:
+            return cls._create(cfg)
+        made = []
+
+        def create_on_main() -> dict:
+            made.append(cls._create(cfg))
+            return made[0].config.to_dict()
+
+        conf = on_main_then_broadcast(create_on_main, f"creating run {cfg.run_dir}")
+        if made:
+            return made[0]
+        run = cls.open(cfg.run_dir)  # rank 0's run.json exists now (it broadcast after writing it)
+        run.config = load_config(conf)  # the config rank 0's Run carries (a reopened run keeps its original)
+        return run
+
+    @classmethod
+    def _create(cls, cfg: RunConfig) -> "Run":
         from .models import check_llama, fingerprint, load_config as load_model_config, resolve_model
         from .planner import plan_sequences
 

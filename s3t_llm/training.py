@@ -43,20 +43,92 @@ def stage_seed(seed: int, shard: int, prefix) -> int:
     return int(h[:8], 16) % (2**31 - 1)
 
 
+# ----- several processes (accelerate launch / torchrun: DDP or DeepSpeed inside a stage) -------------------
+# Every rank runs the same stage loop and joins every stage's collectives. Rank 0 alone decides (which stages to
+# train, from the store and the ledger), writes (run.json, the ledger registration, the blocks) and takes the
+# per-block lock; it broadcasts each decision, so all ranks make the same sequence of train / skip choices and no
+# rank ever waits on a lock that a rank inside a collective holds. Single process: no broadcast, no barrier.
+_RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+_WORLD_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _env_int(names, default: int) -> int:
+    for n in names:
+        if os.environ.get(n, "").strip():
+            return int(os.environ[n])
+    return default
+
+
+def world_size() -> int:
+    """How many processes train each stage together (1 without a distributed launcher)."""
+    return _env_int(_WORLD_ENV, 1)
+
+
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return _env_int(_RANK_ENV, 0) == 0
+
+
+def _dist_state():
+    """accelerate's process state, initialised as transformers' Trainer will initialise it (gloo on a CPU
+    machine, as ``TrainingArguments(use_cpu=True)`` does; the GPU backend otherwise), so the process group made
+    here is the one the stages' trainers reuse."""
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world_size():
+        raise RuntimeError(f"WORLD_SIZE={world_size()} but accelerate set up {state.num_processes} process(es) "
+                           f"({state.distributed_type}); launch with `accelerate launch` or `torchrun`")
+    return state
 
 
 def _wait_for_everyone() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    if world_size() > 1:
+        _dist_state().wait_for_everyone()
 
-        PartialState().wait_for_everyone()
+
+def broadcast_from_main(obj):
+    """``obj`` as rank 0 has it, on every rank (a collective: every rank must call it; identity in one process)."""
+    if world_size() == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    _dist_state()
+    box = [obj if is_main_process() else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def on_main_then_broadcast(fn, what: str):
+    """Run ``fn()`` on rank 0 only and return its result on every rank; an exception on rank 0 is raised on
+    every rank (the same exception where it pickles, so the CLI reports it the same way; else a RuntimeError
+    naming it), so no rank is left waiting in a collective."""
+    if world_size() == 1:
+        return fn()
+    import pickle
+
+    res, err, sent = None, None, None
+    if is_main_process():
+        try:
+            res = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            err = e
+            try:
+                sent = pickle.loads(pickle.dumps(e))
+            except Exception:  # noqa: BLE001 - a message is enough
+                sent = RuntimeError(f"{what} failed on rank 0: {type(e).__name__}: {e}")
+    sent = broadcast_from_main(sent)
+    if err is not None:
+        raise err
+    if sent is not None:
+        raise sent
+    return broadcast_from_main(res)
 
 
 @contextlib.contextmanager
 def _block_lock(path: Path):
-    """An exclusive lock per block so parallel jobs never train the same block twice."""
+    """An exclusive lock per block so parallel jobs never train the same block twice (one process's view)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -64,6 +136,40 @@ def _block_lock(path: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _stage_lock(path: Path, poll_s: float = 1.0):
+    """The block lock for a stage, taken by rank 0 only and held while every rank trains the stage.
+
+    One process: a blocking ``flock``. Several: rank 0 tries it without waiting and broadcasts whether it got
+    it; while another job holds it, all ranks sleep and retry together, so no rank sits in a collective for
+    longer than a poll (a collective's timeout never fires on a long wait for another job)."""
+    if world_size() == 1:
+        with _block_lock(path):
+            yield
+        return
+    f = None
+    try:
+        while True:
+            got = False
+            if is_main_process():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = f or open(path, "w")
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got = True
+                except BlockingIOError:
+                    got = False
+            if broadcast_from_main(got):
+                break
+            time.sleep(poll_s)
+        yield
+    finally:
+        if f is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
 
 class StageTrainer:
@@ -157,15 +263,20 @@ class StageTrainer:
                         p.zero_()
 
     # ----- one stage ------------------------------------------------------------------------------
-    def stage_examples(self, shard: int, prefix) -> tuple[list[dict], dict[str, str], list[str]]:
+    def stage_examples(self, shard: int, prefix, *, by_slice: bool = False):
+        """``(examples, slice hashes, sample ids)`` of the live samples of ``prefix``'s slices, slice by slice in
+        prefix order, each slice in ledger order; ``by_slice``: also ``[(slice, number of its examples)]`` in that
+        order (the activation cache fills per slice)."""
         with self.run.ledger() as led:
             hashes = {str(sl): led.slice_hash(DATASET, shard, sl) for sl in prefix}
-            examples, ids = [], []
+            examples, ids, counts = [], [], []
             for sl in prefix:
+                n0 = len(examples)
                 for sid, rec in led.slice_samples(DATASET, shard, sl):
                     examples.append(to_example(rec, self.run.config.data.template, self.tokenizer))
                     ids.append(sid)
-        return examples, hashes, ids
+                counts.append((int(sl), len(examples) - n0))
+        return (examples, hashes, ids, counts) if by_slice else (examples, hashes, ids)
 
     def _sft_args(self, tmp: Path, seed: int, **extra):
         import torch
@@ -222,11 +333,14 @@ class StageTrainer:
                 self._tokens[order[row["_s3t_row"]]] = (list(row["input_ids"]), list(row["labels"]))
         return [self._tokens[key] for key in keys]
 
-    def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str, cache_layer: int | None = None):
+    def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str, cache_layer: int | None = None,
+             cache_groups: list | None = None):
         """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
         with the trainer. ``cache_layer``: run the decoder from that layer up on cached hidden states (the
-        caller has checked that everything below it is the frozen base). Returns (train output, examples used,
-        tokens per epoch, seconds of ``train()``); timings in ``self.last_fit``."""
+        caller has checked that everything below it is the frozen base); ``cache_groups``: with it,
+        ``[(cell, number of examples, fill-to layer)]``, ``examples`` cut into its slices (cell = (shard, slice,
+        slice hash)), in order: the cache fills each slice in its own canonical batches. Returns (train output,
+        examples used, tokens per epoch, seconds of ``train()``); timings in ``self.last_fit``."""
         import datasets
         from datasets import Dataset
         from transformers import PrinterCallback
@@ -258,7 +372,21 @@ class StageTrainer:
             t0 = time.perf_counter()
             others = tuple(x for x in (boundary(self.run.blocks, j) for j in range(1, len(self.run.blocks) + 1))
                            if x is not None)
-            if self.act_cache.prepare(self.model, cache_layer, list(trainer.train_dataset["input_ids"]), also=others):
+            if cache_groups is None or sum(n for _, n, _ in cache_groups) != len(examples):
+                raise ValueError("a cached stage needs its examples grouped by slice (cache_groups)")
+            toks = self.tokenize(examples)  # the same token ids the dataset holds (looked up, not recomputed)
+            groups, fill_to, i = [], {}, 0
+            for cell, n, top in cache_groups:
+                groups.append((cell, [t[0] for t in toks[i:i + n] if t is not None]))
+                fill_to[cell] = top
+                i += n
+            if sum(len(rows) for _, rows in groups) != n_used:
+                raise RuntimeError(f"{what}: the cache's slice groups do not hold the stage's {n_used} examples")
+            pad_id = getattr(trainer.data_collator, "pad_token_id", None)
+            if pad_id is None:
+                pad_id = self.tokenizer.pad_token_id
+            if self.act_cache.prepare(self.model, cache_layer, groups, also=others, batch_size=cfg.train.batch_size,
+                                      pad_id=int(pad_id or 0), fill_to=fill_to):
                 used_layer = cache_layer
                 ctx = cached_forward(self.model, self.act_cache, cache_layer, self.lora_modules, self.run.blocks,
                                      cfg.train.gradient_checkpointing)
@@ -329,7 +457,7 @@ class StageTrainer:
         prefix = tuple(int(x) for x in prefix)
         k = len(prefix)
         seed = stage_seed(cfg.train.seed, shard, prefix)
-        examples, hashes, ids = self.stage_examples(shard, prefix)
+        examples, hashes, ids, counts = self.stage_examples(shard, prefix, by_slice=True)
         if not examples:
             raise RuntimeError(f"shard {shard} prefix {prefix} has no live samples to train on")
         parent_sha = run.store.manifest(shard, prefix[:-1])["sha256"] if k > 1 else None
@@ -341,15 +469,24 @@ class StageTrainer:
                 p.requires_grad_(b == k)
         frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
 
-        cache_layer = None
+        cache_layer, cache_groups = None, None
         if self.act_cache is not None:
             cache_layer = boundary(run.blocks, k)
             if cache_layer is not None:
+                from .activation_cache import highest_boundary, zero_top
+
                 check_zero(self.block_params, k, run.blocks, cache_layer)  # below it: only zero blocks
+                # Each slice is filled once, up to the highest boundary the plan needs it at, but never above a
+                # layer with a non-zero LoRA block below it (read from the tensors now); a cost hint only.
+                ztop = zero_top(self.block_params, run.blocks)
+                cache_groups = [((shard, sl, hashes[str(sl)]), n,
+                                 max(cache_layer, min(ztop, highest_boundary(run.blocks, run.sequences, sl,
+                                                                             cache_layer))))
+                                for sl, n in counts]
         tmp = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=run.dir))
         try:
             out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}",
-                                                       cache_layer=cache_layer)
+                                                       cache_layer=cache_layer, cache_groups=cache_groups)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -425,14 +562,16 @@ def train_run(run: Run, *, shards: list[int] | None = None, sequences: list[int]
 
 
 def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
-    from tqdm.auto import tqdm
+    def plan_on_main():
+        n_clean = run.store.clean_staging()
+        if n_clean:
+            logger.info("removed %d partial artifacts from an interrupted run", n_clean)
+        plan = stage_plan(run, shards, sequences)
+        valid = exactness.valid_blocks(run.block_manifests(), run.slice_hashes())
+        return plan, [(s, p) for s, p in plan if (s, p) not in valid]
 
-    n_clean = run.store.clean_staging()
-    if n_clean:
-        logger.info("removed %d partial artifacts from an interrupted run", n_clean)
-    plan = stage_plan(run, shards, sequences)
-    valid = exactness.valid_blocks(run.block_manifests(), run.slice_hashes())
-    todo = [(s, p) for s, p in plan if (s, p) not in valid]
+    # Several processes: rank 0 cleans and plans, every rank gets the same plan (and so builds a trainer or not).
+    plan, todo = on_main_then_broadcast(plan_on_main, "planning the stages")
     summary = {"stages_total": len(plan), "stages_reused": len(plan) - len(todo), "stages_trained": 0,
                "tokens": 0, "seconds": 0.0, "blocks": []}
     if not todo:
@@ -447,24 +586,27 @@ def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
 def _train_stages(run: Run, trainer: StageTrainer, todo, summary: dict, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
-    seen_hashes = run.slice_hashes()
-    bar = tqdm(todo, desc="S3T stages", unit="stage", disable=not progress)
+    seen_hashes = None
+    bar = tqdm(todo, desc="S3T stages", unit="stage", disable=not progress or not is_main_process())
     for shard, prefix in bar:
         bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))}")
         lock = run.store.blocks_dir / f"shard{shard}" / f".lock-{'-'.join(map(str, prefix))}"
-        with _block_lock(lock):
-            # Another job may have trained it while we waited for the lock; a parent may have gone stale.
-            hashes = run.slice_hashes()
-            if hashes != seen_hashes:  # a deletion landed: drop every cached token list and hidden state
-                trainer.clear_caches()
-                seen_hashes = hashes
-            valid = exactness.valid_blocks(run.block_manifests(), hashes)
-            if (shard, prefix) in valid:
+        # Rank 0 holds the block lock while all ranks train the stage (the others never take it).
+        with _stage_lock(lock):
+            action, hashes = on_main_then_broadcast(lambda: _decide_stage(run, shard, prefix),
+                                                    f"deciding shard {shard} prefix {prefix}")
+            if seen_hashes is not None and hashes != seen_hashes:
+                trainer.clear_caches()  # a deletion landed: drop every cached token list and hidden state
+            seen_hashes = hashes
+            if action == "valid":  # another job trained it while we waited for the lock
                 continue
-            if len(prefix) > 1 and (shard, prefix[:-1]) not in valid:
-                logger.warning("skipping shard %d prefix %s: its parent block is not valid", shard, prefix)
+            if action == "parent-invalid":
+                if is_main_process():
+                    logger.warning("skipping shard %d prefix %s: its parent block is not valid", shard, prefix)
                 continue
-            man = trainer.train_stage(shard, prefix)
+            man = trainer.train_stage(shard, prefix)  # rank 0 writes the block; all ranks meet at a barrier
+            if world_size() > 1:
+                man = _agree_on_stage(run, shard, prefix, man)
         summary["stages_trained"] += 1
         summary["tokens"] += man["tokens"]
         summary["seconds"] += man["seconds"]
@@ -475,3 +617,47 @@ def _train_stages(run: Run, trainer: StageTrainer, todo, summary: dict, progress
                                   "cache_layer": lf.get("cache_layer")})
         bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))} loss {man['train_loss']:.3f}")
     return summary
+
+
+def _decide_stage(run: Run, shard: int, prefix) -> tuple[str, dict]:
+    """Under the block lock (rank 0): "valid" (already trained, e.g. by another job while we waited),
+    "parent-invalid" (skip it) or "train"; with the ledger's slice hashes it was decided on."""
+    hashes = run.slice_hashes()
+    valid = exactness.valid_blocks(run.block_manifests(), hashes)
+    if (shard, prefix) in valid:
+        return "valid", hashes
+    if len(prefix) > 1 and (shard, prefix[:-1]) not in valid:
+        return "parent-invalid", hashes
+    return "train", hashes
+
+
+def _stage_inputs_digest(man: dict) -> str:
+    keys = ("slices", "slice_hashes", "sample_ids", "n_used", "seed", "parent_sha256", "base_fingerprint", "precision")
+    return hashlib.sha256(json.dumps({k: man.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+
+
+def _agree_on_stage(run: Run, shard: int, prefix, man: dict) -> dict:
+    """After a stage on several ranks: check that every rank trained on the same inputs (samples, slice hashes,
+    parent digest, seed); if not, rank 0 destroys the block it wrote (it mixes gradients of different data) and
+    every rank fails. Returns rank 0's manifest (the written one, with its sha256) on every rank, its
+    ``train_loss`` replaced by the mean of the ranks' values: transformers' ``training_loss`` adds the loss since
+    the last logging step unreduced (rank-local), so one rank's value is not the stage's loss unless the last
+    step was a logging step; the mean over ranks is (every logged value is already the ranks' mean)."""
+    from accelerate.utils import gather_object
+
+    _dist_state()
+    got = gather_object([(_stage_inputs_digest(man), float(man["train_loss"]))])
+    digests = [d for d, _ in got]
+    if len(set(digests)) != 1:
+        if is_main_process():
+            from .locking import writer_lock
+
+            with writer_lock(run.dir):
+                if run.store.has_block(shard, prefix):
+                    run.store.destroy_block(shard, prefix)
+        _wait_for_everyone()
+        raise RuntimeError(f"shard {shard} prefix {prefix}: the ranks trained on different inputs "
+                           f"(digests {digests}); the block was discarded")
+    out = dict(broadcast_from_main(man))
+    out["train_loss"] = sum(loss for _, loss in got) / len(got)
+    return out

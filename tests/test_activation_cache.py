@@ -1,11 +1,12 @@
 """The activation cache (s3t_llm/activation_cache.py) on a tiny random Llama: the same losses and blocks as the
-uncached path, fills once per sample, bounded, dropped on deletion and when training returns."""
+uncached path, filled per (shard, slice) cell in the cell's canonical batches (the same bits whichever stage fills
+them, and nothing outside the cell changes them), bounded, dropped on deletion and when training returns."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from s3t_llm.activation_cache import ActivationCache, boundary, token_key  # noqa: E402
+from s3t_llm.activation_cache import ActivationCache, boundary, highest_boundary, token_key  # noqa: E402
 from s3t_llm.config import load_config  # noqa: E402
 from s3t_llm.run import DATASET, Run  # noqa: E402
 from s3t_llm.training import StageTrainer, train_run  # noqa: E402
@@ -70,6 +71,19 @@ def test_boundary_is_block_ks_bottom_when_only_zero_blocks_lie_below():
     assert boundary(bottom_up, 1) is None and boundary(bottom_up, 2) is None
 
 
+def test_highest_boundary_is_the_top_stage_a_slice_enters_the_plan_at():
+    blocks = [[3], [2], [1]]
+    seqs = [[0, 1, 2], [1, 2, 0]]
+    assert [highest_boundary(blocks, seqs, s) for s in (0, 1, 2)] == [3, 3, 2]
+    assert highest_boundary(blocks, [[0, 1, 2]], 2) == 1 and highest_boundary(blocks, [[0, 1, 2]], 2, 3) == 3
+
+
+def test_canonical_batches_are_the_cells_rows_in_order_without_duplicates():
+    rows = [[1, 2], [3], [1, 2], [4, 5, 6], [7], [8]]
+    bs = ActivationCache.canonical_batches(rows, 2)
+    assert [[ids for _, ids in b] for b in bs] == [[[1, 2], [3]], [[4, 5, 6], [7]], [[8]]]
+
+
 def test_cache_is_bounded_and_evicts_only_entries_the_stage_does_not_need():
     c = ActivationCache("fp", limit_bytes=10 * 4 * 4)  # ten tokens of a 4-wide fp32 state
     t = torch.ones(3, 4)
@@ -83,8 +97,9 @@ def test_cache_is_bounded_and_evicts_only_entries_the_stage_does_not_need():
 
 def test_cached_stages_match_uncached_losses_and_blocks(tmp_path, tiny_llama, alpaca_sample, write_records):
     data = write_records(alpaca_sample[:24])
-    ref = Run.create(make_cfg(tmp_path, tiny_llama, data, "ref"))
-    on = Run.create(make_cfg(tmp_path, tiny_llama, data, "cache-on", ["train.cache_activations=true"]))
+    ref = Run.create(make_cfg(tmp_path, tiny_llama, data, "ref", ["lora.dropout=0.0"]))
+    on = Run.create(make_cfg(tmp_path, tiny_llama, data, "cache-on", ["lora.dropout=0.0",
+                                                                      "train.cache_activations=true"]))
     _, logs_ref, mans_ref, blocks_ref = train_stages(ref, 3)
     tr, logs_on, mans_on, blocks_on = train_stages(on, 3)
     rel = assert_close_losses(logs_ref, logs_on)
@@ -93,12 +108,13 @@ def test_cached_stages_match_uncached_losses_and_blocks(tmp_path, tiny_llama, al
     for b in (1, 2, 3):
         assert block_rel(blocks_on[b], blocks_ref[b]) <= BLOCK_RTOL
         assert float(sum(p.abs().sum() for p in blocks_on[b].values())) > 0  # every block trained
-    # Fills: each of the 24 samples is forwarded once; the lower boundaries are captured on the way, so the
-    # stages at layers 2 and 1 find their first slices' states already there.
+    # Fills: each of the 24 samples is forwarded once, in its slice's batches of train.batch_size=4 (2 a slice);
+    # the lower boundaries are captured on the way, so the stages at layers 2 and 1 find their first slices'
+    # states already there.
     st = tr.act_cache.stats
     u = [m["n_used"] for m in mans_on]
     assert u == [8, 16, 24]
-    assert st["fills"] == 24 and st["hits"] == 8 + 16
+    assert st["fills"] == 24 and st["hits"] == 8 + 16 and st["fill_batches"] == 6
     assert len(tr.act_cache) == 8 * 3 + 8 * 2 + 8 * 1
     # Hits and fills give the same bits: a fresh trainer (empty cache) retrains stage 2 to the same digest.
     cold = StageTrainer(on)
@@ -164,7 +180,7 @@ def test_train_run_drops_cached_states_when_a_deletion_lands_and_when_it_returns
         if "ids" not in seen:  # stage (a) tokenised the victim: this is a cache lookup, it adds nothing
             seen["ids"] = self.tokenize([ex])[0][0]
         key = token_key(seen["ids"])
-        seen["victim_entries"].append(sum(1 for (_, k) in self.act_cache._entries if k == key))
+        seen["victim_entries"].append(sum(1 for k in self.act_cache._entries if k[2] == key))
         seen["entries"].append(len(self.act_cache))
         if seen["calls"] == 2:  # a deletion lands after stage (a, b)
             with run.ledger() as led:
@@ -182,8 +198,74 @@ def test_train_run_drops_cached_states_when_a_deletion_lands_and_when_it_returns
     # Before the deletion the victim has token ids and states at layers 3 and 2; after it, nothing.
     assert seen["victim_entries"] == [2, 2, 0, 0]
     assert seen["victim_tokens"] == [True, True, False, False]
-    # (a): 12 samples at layers 3 + 2; (a, b): + 12 at layer 2; cleared; (b): 12 at 3 + 2; (b, a): + 11 at 2.
-    assert seen["entries"] == [24, 36, 24, 35]
-    assert seen["clears"] == [36, 35]  # when the deletion was seen, and when train_run returned
+    # (a): 12 samples at layers 3 + 2; (a, b): b's 12 at 2, and at 3 on the way (stage (b) of the second
+    # sequence needs them there: each slice is forwarded once, up to the highest boundary the plan needs it at);
+    # cleared; (b): 12 at 3 + 2; (b, a): a's 11 left at 2 + 3.
+    assert seen["entries"] == [24, 48, 24, 46]
+    assert seen["clears"] == [48, 46]  # when the deletion was seen, and when train_run returned
     assert len(seen["trainer"].act_cache) == 0 and not seen["trainer"]._tokens
     assert run.store.manifest(0, (b, a))["n_samples"] == 23
+
+
+def slice_entries(tr, shard, sl):
+    """{(layer, token key): tensor} of one slice's entries in a trainer's cache (any content hash)."""
+    return {(k[0], k[2]): v for k, v in tr.act_cache._entries.items() if k[1][:2] == (shard, sl)}
+
+
+def test_a_slices_entries_are_the_same_bits_whichever_stage_or_prefix_fills_them_first(
+        tmp_path, tiny_llama, alpaca_sample, write_records):
+    data = write_records(alpaca_sample[:24])
+    run = Run.create(make_cfg(tmp_path, tiny_llama, data, "order", ["train.cache_activations=true",
+                                                                    "train.max_steps=1"]))
+    a, b, c = run.sequences[0]
+    # X: stage (a) then (a, b): b's entries are filled by the second stage, at its boundary (2) and below.
+    x = StageTrainer(run)
+    x.train_stage(0, (a,))
+    x.train_stage(0, (a, b))
+    # Y: a fresh trainer whose first stage is (b): b is filled at layer 3, with 2 and 1 captured on the way.
+    y = StageTrainer(run)
+    y.train_stage(0, (b,))
+    # Z: the cache's own entry point, b's cell alone then a's, at layer 1 only (the shallowest forward).
+    z = StageTrainer(run)
+    examples, hashes, _, counts = z.stage_examples(0, (b, a), by_slice=True)
+    toks, i, groups = z.tokenize(examples), 0, []
+    for sl, n in counts:
+        groups.append(((0, sl, hashes[str(sl)]), [t[0] for t in toks[i:i + n] if t is not None]))
+        i += n
+    assert z.act_cache.prepare(z.model, 1, groups, batch_size=run.config.train.batch_size,
+                               pad_id=z.tokenizer.pad_token_id)
+    ex, ey, ez = (slice_entries(t, 0, b) for t in (x, y, z))
+    assert {li for li, _ in ex} == {2, 1} and {li for li, _ in ey} == {3, 2, 1} and {li for li, _ in ez} == {1}
+    assert len(ex) == 2 * 8 and len(ey) == 3 * 8
+    for key, h in ex.items():
+        assert torch.equal(h, ey[key]), key
+    for key, h in ez.items():
+        assert torch.equal(h, ex[key]) and torch.equal(h, ey[key]), key
+    ea = slice_entries(z, 0, a)
+    for key, h in ea.items():
+        assert torch.equal(h, slice_entries(x, 0, a)[key]), key
+
+
+def test_a_slices_entries_depend_on_nothing_outside_the_slice(tmp_path, tiny_llama, alpaca_sample, write_records):
+    data = write_records(alpaca_sample[:24])
+    extra = ["train.cache_activations=true", "train.max_steps=1"]
+    one = Run.create(make_cfg(tmp_path, tiny_llama, data, "same", extra))
+    two = Run.create(make_cfg(tmp_path, tiny_llama, data, "other-changed", extra))
+    a, b, _ = two.sequences[0]
+    with two.ledger() as led:  # in run two, a sample of slice b is deleted before anything trains
+        led.journal_deletion(DATASET, [led.slice_samples(DATASET, 0, b)[1][0]])
+    assert one.slice_hashes()[(0, a)] == two.slice_hashes()[(0, a)]
+    assert one.slice_hashes()[(0, b)] != two.slice_hashes()[(0, b)]
+    res = {}
+    for name, run in (("one", one), ("two", two)):
+        tr = StageTrainer(run)
+        mans = [tr.train_stage(0, (a,)), tr.train_stage(0, (a, b))]
+        res[name] = (tr, mans)
+    (t1, m1), (t2, m2) = res["one"], res["two"]
+    e1, e2 = slice_entries(t1, 0, a), slice_entries(t2, 0, a)
+    assert set(e1) == set(e2) and len(e1) == 3 * 8
+    for key in e1:
+        assert torch.equal(e1[key], e2[key]), key
+    # Stage (a) does not see slice b at all: the same block, bit for bit. Slice b's own entries: one fewer.
+    assert m1[0]["sha256"] == m2[0]["sha256"]
+    assert len(slice_entries(t1, 0, b)) == 2 * 8 and len(slice_entries(t2, 0, b)) == 2 * 7
