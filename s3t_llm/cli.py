@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a serving run")
     sp.add_argument("run")
     sp.add_argument("--tasks", default="arc_easy,piqa",
-                    help="comma-separated task names: old specs (eval/tasks/*.yaml), lm-eval tasks (s3t_arc_easy... "
+                    help="comma-separated task names: old names (arc_easy, piqa, ...: aliases of s3t_*), lm-eval tasks (s3t_arc_easy... "
                          "from eval/lm_tasks, lm-eval's own, or --include-path's) or lm-eval task YAML paths; "
                          "multiple_choice tasks only")
     sp.add_argument("--include-path", metavar="DIR", help="a folder of lm-eval task YAMLs (lm-eval's --include_path)")
@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uniform over samples, or skewed: slice j hit with weight skew**j")
     ep.add_argument("--skew", type=float, default=0.5)
     ep.add_argument("--eval-every", type=int, default=1, help="evaluate after every k-th request")
-    ep.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated zero-shot tasks (eval/tasks/*.yaml)")
+    ep.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated zero-shot tasks (lm-eval task names; arc_easy etc. alias s3t_arc_easy etc.)")
     ep.add_argument("--limit", type=int, default=40, help="items per task (a fixed seeded subset); 0 for all")
     ep.add_argument("--heldout", type=int, default=32, help="held-out records for the loss (the rest: audit)")
     ep.add_argument("--no-audit", action="store_true", help="skip the membership audit")

@@ -1,35 +1,14 @@
-"""Zero-shot multiple-choice evaluation: task specs, scorers (HF / vLLM) and the shard ensemble.
+"""Zero-shot multiple-choice evaluation: tasks (lm-eval's), scorers (HF / vLLM) and the shard ensemble.
 
-Tasks are small YAML specs (``eval/tasks/*.yaml``; more directories through ``S3T_EVAL_TASKS``,
-``os.pathsep``-separated) that name a data file and say how a record becomes a prompt, its choices and
-its gold answer. A new benchmark needs a YAML file, no code. Spec keys:
-
-``name``            task name (required)
-``path``            data file(s): relative to the shared data dir (``paths.shared_data_dir()``), relative to
-                    the spec's own folder, or absolute; a glob or a list of them. Or ``hub: {path, name, split}``
-                    for ``datasets.load_dataset`` (users with hub access).
-``format``          ``jsonl`` | ``json`` | ``csv`` | ``hellaswag_txt`` (default: from the file suffix)
-``records_key``     (json) the key holding the list when the file is an object
-``csv_columns``     (csv) column names for a file without a header row
-``labels_path``     an aligned file with one label per line, stored in field ``labels_field`` (default ``label``)
-``path_fields``     ``{field: regex}``: group 1 of the regex applied to the file name becomes a record field
-``prompt``          template of the context: ``{field}``, dotted access ``{question.stem}``, list index
-                    ``{choices.0}``, filters ``{x|strip}`` ``|lower`` ``|upper`` ``|capitalize`` ``|spaces``
-                    (underscores to spaces); ``{{`` and ``}}`` are literal braces
-``description``     template prepended to the prompt (lm-eval's ``description``)
-``choices``         a field holding a list (``question.choices.text`` maps over a list of dicts), or a list of
-                    templates (``["{sol1}", "{sol2}"]``, ``["no", "yes"]``)
-``gold``            field holding the answer: an int index, a bool (false=0, true=1), a digit string, or
-                    (with ``gold_index_of``) a value to look up in another list field, or (with ``gold_map``)
-                    a key of a ``{value: index}`` mapping
-``mode``            ``choice`` (default: score ``delimiter + choice`` after the prompt) or ``partial`` (lm-eval's
-                    multiple-input mode, WinoGrande: the choices are contexts and ``continuation`` (a template)
-                    is scored after each)
-``target_delimiter`` put between context and continuation (default ``" "``)
-``group_by``        template giving a per-record group (e.g. MMLU's subject) for a per-group breakdown
-``metrics``         the metrics to show (``acc``, ``acc_norm``, ``acc_bytes``); all three are always computed
-``include``         the name of a spec whose keys this one extends
-``notes``           free text, ignored
+Tasks are lm-eval tasks: task YAMLs in ``eval/lm_tasks`` (``s3t_arc_easy``, ``s3t_arc_challenge``, ``s3t_piqa``,
+``s3t_boolq``, ``s3t_hellaswag``, ``s3t_winogrande``, ``s3t_openbookqa``, ``s3t_mmlu``: lm-eval's own task
+configs over the local benchmark files), lm-eval's shipped tasks, any folder of lm-eval task YAMLs
+(``include_path``, and the ``S3T_EVAL_TASKS`` folders, ``os.pathsep``-separated) or a task YAML path.
+:mod:`s3t_llm.lm_tasks` resolves and builds them with lm-eval itself and turns every doc into an :class:`Item`
+(its requests are lm-eval's own ``(context, continuation)`` pairs). :func:`load_task` is the entry point; the
+old task names (``arc_easy``, ``piqa``, ... ``mmlu``) are aliases of the ``s3t_`` tasks
+(:data:`s3t_llm.lm_tasks.ALIASES`) and keep their seeded item selection (``limit`` items, ``seed`` 0 by default:
+``sorted(random.Random(seed).sample(range(n_total), limit))``) and their name in results.
 
 Scoring follows lm-eval's ``loglikelihood(requests) -> [(logprob, is_greedy)]`` interface with lm-eval's
 tokenisation (trailing spaces of the context move to the continuation; context+continuation is encoded
@@ -44,377 +23,23 @@ per-byte log-likelihoods (``acc_bytes``), and predicts the argmax.
 
 from __future__ import annotations
 
-import csv
-import glob as _glob
+import hashlib
 import json
 import logging
 import math
 import os
-import random
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from .paths import REPO_ROOT, shared_data_dir
-
 logger = logging.getLogger(__name__)
 
-TASKS_DIR = REPO_ROOT / "eval" / "tasks"
 METRICS = ("acc", "acc_norm", "acc_bytes")
-FORMATS = ("jsonl", "json", "csv", "hellaswag_txt")
-MODES = ("choice", "partial")
-
-_SPEC_KEYS = {
-    "name", "path", "hub", "format", "records_key", "csv_columns", "labels_path", "labels_field", "path_fields",
-    "prompt", "description", "choices", "continuation", "gold", "gold_index_of", "gold_map", "mode",
-    "target_delimiter", "group_by", "metrics", "include", "notes",
-}
-_REQUIRED_KEYS = ("name", "choices", "gold")
 
 
 class TaskError(ValueError):
-    """A task spec, data file or record that cannot be turned into multiple-choice items."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Specs
-# ---------------------------------------------------------------------------------------------------------
-
-def task_dirs() -> list[Path]:
-    """Folders searched for ``<name>.yaml``: ``S3T_EVAL_TASKS`` entries first, then ``eval/tasks``."""
-    extra = [Path(p) for p in os.environ.get("S3T_EVAL_TASKS", "").split(os.pathsep) if p]
-    return [*extra, TASKS_DIR]
-
-
-def list_tasks() -> list[str]:
-    """Names of the task specs found in :func:`task_dirs`."""
-    names = set()
-    for d in task_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
-
-
-def _find_spec_file(name: str) -> Path:
-    for d in task_dirs():
-        p = d / f"{name}.yaml"
-        if p.is_file():
-            return p
-    raise TaskError(f"no task spec named {name!r} (looked in {', '.join(str(d) for d in task_dirs())}; "
-                    f"known: {', '.join(list_tasks()) or 'none'})")
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TaskError(f"task spec {path}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise TaskError(f"task spec {path}: expected a mapping at the top level, got {type(data).__name__}")
-    data.setdefault("_spec_dir", str(path.parent))
-    return data
-
-
-def load_spec(spec_or_name: str | Path | Mapping) -> dict:
-    """Resolve a spec (a task name, a YAML path or a dict), follow ``include`` and validate the keys."""
-    if isinstance(spec_or_name, Mapping):
-        spec = dict(spec_or_name)
-    else:
-        s = str(spec_or_name)
-        p = Path(s).expanduser()
-        if s.endswith((".yaml", ".yml")) or p.is_file():
-            if not p.is_file():
-                raise TaskError(f"task spec file {p} does not exist")
-            spec = _read_yaml(p)
-        else:
-            spec = _read_yaml(_find_spec_file(s))
-    seen: list[str] = []
-    while "include" in spec:
-        base_name = spec.pop("include")
-        if base_name in seen:
-            raise TaskError(f"task spec include cycle: {' -> '.join(seen + [base_name])}")
-        seen.append(base_name)
-        base = load_spec(base_name) if not isinstance(base_name, Mapping) else dict(base_name)
-        base.update(spec)
-        spec = base
-    _validate_spec(spec)
-    return spec
-
-
-def _validate_spec(spec: dict) -> None:
-    where = f"task spec {spec.get('name', '<unnamed>')!r}"
-    unknown = sorted(k for k in spec if k not in _SPEC_KEYS and not k.startswith("_"))
-    if unknown:
-        raise TaskError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_SPEC_KEYS)}")
-    for k in _REQUIRED_KEYS:
-        if k not in spec or spec[k] in (None, ""):
-            raise TaskError(f"{where}: missing required key {k!r}")
-    mode = spec.get("mode", "choice")
-    if mode not in MODES:
-        raise TaskError(f"{where}: mode {mode!r} is not one of {MODES}")
-    if mode == "choice" and not isinstance(spec.get("prompt"), str):
-        raise TaskError(f"{where}: missing required key 'prompt'")
-    if mode == "partial" and not spec.get("continuation"):
-        raise TaskError(f"{where}: mode 'partial' needs a 'continuation' template")
-    if not spec.get("path") and not spec.get("hub"):
-        raise TaskError(f"{where}: missing required key 'path' (or 'hub')")
-    if spec.get("hub") is not None and not (isinstance(spec["hub"], Mapping) and spec["hub"].get("path")):
-        raise TaskError(f"{where}: 'hub' must be a mapping with at least 'path' (and 'name', 'split')")
-    fmt = spec.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        raise TaskError(f"{where}: format {fmt!r} is not one of {FORMATS}")
-    ch = spec["choices"]
-    if not (isinstance(ch, str) or (isinstance(ch, list) and all(isinstance(c, str) for c in ch))):
-        raise TaskError(f"{where}: 'choices' must be a field name or a list of template strings")
-    if isinstance(ch, list) and len(ch) < 2:
-        raise TaskError(f"{where}: 'choices' lists {len(ch)} template(s); a multiple-choice task needs at least 2")
-    if "gold_map" in spec and not isinstance(spec["gold_map"], Mapping):
-        raise TaskError(f"{where}: 'gold_map' must be a mapping value -> index")
-    if "gold_map" in spec and "gold_index_of" in spec:
-        raise TaskError(f"{where}: use either 'gold_map' or 'gold_index_of', not both")
-    metrics = spec.get("metrics", ["acc", "acc_norm"])
-    if not isinstance(metrics, list) or not metrics or any(m not in METRICS for m in metrics):
-        raise TaskError(f"{where}: 'metrics' must be a non-empty list drawn from {METRICS}")
-    if not isinstance(spec.get("target_delimiter", " "), str):
-        raise TaskError(f"{where}: 'target_delimiter' must be a string")
-    pf = spec.get("path_fields", {})
-    if not isinstance(pf, Mapping):
-        raise TaskError(f"{where}: 'path_fields' must be a mapping field -> regex")
-    for k, rx in pf.items():
-        try:
-            if re.compile(rx).groups < 1:
-                raise TaskError(f"{where}: path_fields[{k!r}] regex needs a capturing group")
-        except re.error as e:
-            raise TaskError(f"{where}: path_fields[{k!r}] is not a valid regex: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Field access and templates
-# ---------------------------------------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def get_field(record: Any, path: str) -> Any:
-    """Dotted access: ``a.b``; an integer segment indexes a list; a name segment on a list maps over it."""
-    cur = record
-    for seg in path.split("."):
-        if isinstance(cur, list):
-            if seg.lstrip("-").isdigit():
-                i = int(seg)
-                if not -len(cur) <= i < len(cur):
-                    raise KeyError(path)
-                cur = cur[i]
-            else:
-                cur = [get_field(x, seg) for x in cur]
-        elif isinstance(cur, Mapping):
-            if seg not in cur:
-                raise KeyError(path)
-            cur = cur[seg]
-        else:
-            raise KeyError(path)
-    return cur
-
-
-_FILTERS = {
-    "strip": str.strip,
-    "lower": str.lower,
-    "upper": str.upper,
-    "capitalize": str.capitalize,
-    "spaces": lambda s: s.replace("_", " "),
-}
-_TEMPLATE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
-
-
-def template_fields(template: str) -> list[str]:
-    """Field paths a template refers to."""
-    return [m.group(1).split("|")[0].strip() for m in _TEMPLATE_RE.finditer(template) if m.group(1) is not None]
-
-
-def render(template: str, record: Mapping, *, where: str = "record") -> str:
-    """Fill ``{field|filter}`` placeholders from ``record`` (see the module doc)."""
-
-    def sub(m: re.Match) -> str:
-        tok = m.group(0)
-        if tok == "{{":
-            return "{"
-        if tok == "}}":
-            return "}"
-        expr = m.group(1)
-        name, *filters = [x.strip() for x in expr.split("|")]
-        if not name:
-            raise TaskError(f"{where}: empty placeholder in template {template!r}")
-        try:
-            val = get_field(record, name)
-        except KeyError:
-            raise TaskError(f"{where}: missing field {name!r} (used by template {template!r})") from None
-        if isinstance(val, (list, dict)):
-            raise TaskError(f"{where}: field {name!r} is a {type(val).__name__}, not text (template {template!r})")
-        val = "" if val is None else str(val)
-        for f in filters:
-            if f not in _FILTERS:
-                raise TaskError(f"{where}: unknown template filter {f!r}; known: {sorted(_FILTERS)}")
-            val = _FILTERS[f](val)
-        return val
-
-    return _TEMPLATE_RE.sub(sub, template)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loaders
-# ---------------------------------------------------------------------------------------------------------
-
-def _resolve_paths(pattern: str | Path, spec: dict) -> list[Path]:
-    pattern = str(pattern)
-    p = Path(pattern).expanduser()
-    bases = [Path()] if p.is_absolute() else [shared_data_dir(), Path(spec.get("_spec_dir", ".")), Path.cwd()]
-    where = f"task {spec['name']!r}"
-    for base in bases:
-        full = base / p
-        if any(ch in pattern for ch in "*?["):
-            hits = sorted(Path(h) for h in _glob.glob(str(full)))
-            if hits:
-                return hits
-        elif full.is_file():
-            return [full]
-    tried = ", ".join(str(b / p) for b in bases)
-    raise TaskError(f"{where}: data file {pattern!r} not found (tried {tried}; set S3T_SHARED_DATA to the "
-                    "folder holding eval/)")
-
-
-def _read_file_records(path: Path, fmt: str, spec: dict) -> list[Any]:
-    where = f"task {spec['name']!r}: {path}"
-    try:
-        if fmt == "jsonl":
-            out = []
-            with open(path, encoding="utf-8") as fh:
-                for ln, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            out.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise TaskError(f"{where}: line {ln} is not valid JSON: {e}") from e
-            return out
-        if fmt == "json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            key = spec.get("records_key")
-            if key is not None:
-                try:
-                    data = get_field(data, key)
-                except KeyError:
-                    raise TaskError(f"{where}: records_key {key!r} not found") from None
-            if isinstance(data, dict) and "data" in data and key is None:
-                data = data["data"]
-            if not isinstance(data, list):
-                raise TaskError(f"{where}: expected a JSON list of records (or set records_key)")
-            return data
-        if fmt == "csv":
-            with open(path, encoding="utf-8", newline="") as fh:
-                cols = spec.get("csv_columns")
-                rows = list(csv.DictReader(fh, fieldnames=cols) if cols else csv.DictReader(fh))
-            return rows
-        if fmt == "hellaswag_txt":
-            return _read_hellaswag_txt(path, where)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
-        raise TaskError(f"{where}: cannot read as {fmt}: {e}") from e
-    raise TaskError(f"{where}: unknown format {fmt!r}")
-
-
-def hellaswag_preprocess(text: str) -> str:
-    """lm-eval's HellaSwag ``preprocess`` (tasks/hellaswag/utils.py)."""
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    text = text.replace("  ", " ")
-    return text
-
-
-_SENT_END = re.compile(r"[.!?]\s+(?=\S)")
-
-
-def _capitalize_last_fragment(ctx: str) -> str:
-    """lm-eval builds ``ctx_a + " " + ctx_b.capitalize()``; the text file keeps ``ctx_a + " " + ctx_b``.
-
-    ``ctx_b`` is (nearly always) the lowercase fragment after the last sentence end: capitalise it so.
-    """
-    ends = list(_SENT_END.finditer(ctx))
-    start = ends[-1].end() if ends else 0
-    frag = ctx[start:]
-    if frag[:1].islower():
-        return ctx[:start] + frag.capitalize()
-    return ctx
-
-
-def _read_hellaswag_txt(path: Path, where: str) -> list[dict]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) % 6:
-        raise TaskError(f"{where}: {len(lines)} lines is not a multiple of 6 (context, label, 4 endings)")
-    out = []
-    for i in range(0, len(lines), 6):
-        head, label, *endings = lines[i:i + 6]
-        if not label.strip().isdigit():
-            raise TaskError(f"{where}: line {i + 2} should be the gold ending index, got {label!r}")
-        activity, _, ctx = head.partition(": ")
-        out.append({
-            "activity_label": activity,
-            "ctx": ctx,
-            "query": hellaswag_preprocess(_capitalize_last_fragment(head)),
-            "endings": [hellaswag_preprocess(e) for e in endings],
-            "label": int(label),
-        })
-    return out
-
-
-def _infer_format(path: Path) -> str:
-    suf = path.suffix.lower()
-    return {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".txt": "hellaswag_txt"}.get(suf, "jsonl")
-
-
-def load_records(spec: dict) -> list[dict]:
-    """All raw records of a spec (files in order, ``labels_path`` and ``path_fields`` merged in)."""
-    where = f"task {spec['name']!r}"
-    if spec.get("hub") and not spec.get("path"):
-        hub = dict(spec["hub"])
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "test"))
-        except Exception as e:  # noqa: BLE001 - offline / missing dataset / auth: say which
-            raise TaskError(f"{where}: cannot load hub dataset {hub}: {type(e).__name__}: {e}") from e
-        records = [dict(r) for r in ds]
-    else:
-        paths = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
-        files = [f for p in paths for f in _resolve_paths(p, spec)]
-        records = []
-        for f in files:
-            fmt = spec.get("format") or _infer_format(f)
-            recs = _read_file_records(f, fmt, spec)
-            if spec.get("path_fields"):
-                extra = {}
-                for k, rx in spec["path_fields"].items():
-                    m = re.search(rx, f.name)
-                    if not m:
-                        raise TaskError(f"{where}: path_fields[{k!r}] regex {rx!r} does not match file name {f.name!r}")
-                    extra[k] = m.group(1)
-                recs = [{**r, **extra} if isinstance(r, Mapping) else r for r in recs]
-            records.extend(recs)
-    if spec.get("labels_path"):
-        lf = _resolve_paths(spec["labels_path"], spec)[0]
-        labels = [ln.strip() for ln in lf.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(labels) != len(records):
-            raise TaskError(f"{where}: labels file {lf} has {len(labels)} labels for {len(records)} records")
-        key = spec.get("labels_field", "label")
-        records = [{**r, key: lab} if isinstance(r, Mapping) else r for r, lab in zip(records, labels)]
-    for i, r in enumerate(records):
-        if not isinstance(r, Mapping):
-            raise TaskError(f"{where}: record {i} is a {type(r).__name__}, not an object")
-    return records
+    """A task, data file or doc that cannot be turned into multiple-choice items."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,124 +107,48 @@ class Task:
         return [r for it in self.items for r in it.requests]
 
 
-def _gold_index(record: Mapping, spec: dict, n_choices: int, where: str) -> int:
-    try:
-        val = get_field(record, spec["gold"])
-    except KeyError:
-        raise TaskError(f"{where}: missing field {spec['gold']!r} (the gold answer)") from None
-    if isinstance(val, str):
-        val = val.strip()
-    if "gold_map" in spec:
-        gm = {str(k): v for k, v in spec["gold_map"].items()}
-        key = str(val).lower() if isinstance(val, bool) else str(val)
-        if key not in gm:
-            raise TaskError(f"{where}: gold value {val!r} is not a key of gold_map {sorted(gm)}")
-        val = gm[key]
-    elif "gold_index_of" in spec:
-        try:
-            labels = get_field(record, spec["gold_index_of"])
-        except KeyError:
-            raise TaskError(f"{where}: missing field {spec['gold_index_of']!r} (gold_index_of)") from None
-        if not isinstance(labels, list):
-            raise TaskError(f"{where}: field {spec['gold_index_of']!r} is not a list")
-        labels = [x.strip() if isinstance(x, str) else x for x in labels]
-        if val not in labels:
-            raise TaskError(f"{where}: gold value {val!r} not found in {spec['gold_index_of']!r} = {labels}")
-        val = labels.index(val)
-    if isinstance(val, bool):
-        val = int(val)
-    elif isinstance(val, str) and val.lstrip("-").isdigit():
-        val = int(val)
-    elif isinstance(val, float) and val.is_integer():
-        val = int(val)
-    if not isinstance(val, int):
-        raise TaskError(f"{where}: gold value {val!r} is not an index (use gold_map or gold_index_of)")
-    if not 0 <= val < n_choices:
-        raise TaskError(f"{where}: gold index {val} out of range for {n_choices} choices")
-    return val
+def env_include_paths() -> list[str]:
+    """``S3T_EVAL_TASKS``: extra folders of lm-eval task YAMLs (``os.pathsep``-separated), searched by every
+    task load (as lm-eval's ``--include_path``), before ``eval/lm_tasks``."""
+    return [p for p in os.environ.get("S3T_EVAL_TASKS", "").split(os.pathsep) if p]
 
 
-def build_item(record: Mapping, index: int, spec: dict) -> Item:
-    """Turn one raw record into an :class:`Item`, raising :class:`TaskError` naming the record index."""
-    where = f"task {spec['name']!r}, record {index}"
-    ch = spec["choices"]
-    if isinstance(ch, str):
-        try:
-            choices = get_field(record, ch)
-        except KeyError:
-            raise TaskError(f"{where}: missing field {ch!r} (the choices)") from None
-        if not isinstance(choices, list):
-            raise TaskError(f"{where}: field {ch!r} is a {type(choices).__name__}, expected a list of choices")
-        if any(isinstance(c, (list, dict)) or c is None for c in choices):
-            raise TaskError(f"{where}: field {ch!r} must hold a list of strings")
-        choices = [str(c) for c in choices]
-    else:
-        choices = [render(t, record, where=where) for t in ch]
-    if len(choices) < 2:
-        raise TaskError(f"{where}: {len(choices)} choice(s); a multiple-choice item needs at least 2")
-    gold = _gold_index(record, spec, len(choices), where)
-    delim = spec.get("target_delimiter", " ")
-    group = render(spec["group_by"], record, where=where) if spec.get("group_by") else None
-    prefix = render(spec["description"], record, where=where) if spec.get("description") else ""
-    if spec.get("mode", "choice") == "partial":
-        pre = prefix + (render(spec["prompt"], record, where=where) if spec.get("prompt") else "")
-        contexts = tuple(pre + c for c in choices)
-        cont = render(spec["continuation"], record, where=where)
-        return Item(index=index, context=contexts, choices=contexts, gold=gold, delimiter=delim,
-                    continuation=cont, group=group)
-    context = prefix + render(spec["prompt"], record, where=where)
-    return Item(index=index, context=context, choices=tuple(choices), gold=gold, delimiter=delim, group=group)
+def load_tasks(names: str | Iterable[str], limit: int | None = None, seed: int | None = 0, *,
+               include_path: str | Path | Sequence[str] | None = None) -> list[Task]:
+    """Load tasks by name (old names are aliases, :data:`s3t_llm.lm_tasks.ALIASES`), lm-eval task name or
+    lm-eval task YAML path through :func:`s3t_llm.lm_tasks.load_lm_tasks` (a tag gives one task per member,
+    a group one task). Every name is checked before any data is read. ``limit`` keeps a seeded random subset
+    (``seed``; ``seed=None``: lm-eval's first ``limit`` docs of each leaf task). A task loaded by an alias
+    keeps the alias as its name."""
+    from . import lm_tasks
+
+    if isinstance(names, (str, Path)):
+        names = [n for n in str(names).split(",") if n.strip()]
+    asked: list[str] = []
+    for n in names:
+        if isinstance(n, Mapping):
+            raise TaskError("task specs given as dicts (the old eval/tasks template language) are retired; "
+                            "write an lm-eval task YAML and pass its path or its folder as include_path")
+        asked.append(str(n).strip())
+    return list(lm_tasks.load_lm_tasks(asked, include_path=include_path, limit=limit, seed=seed))
 
 
-def _is_lm_eval_name(spec_or_name) -> bool:
-    """An lm-eval task (name or YAML) rather than an old spec: ``s3t_*`` names, names that are no old spec,
-    and YAML files with lm-eval's ``task:`` / ``group:`` / ``dataset_path:`` keys."""
-    if isinstance(spec_or_name, Mapping):
-        return False
-    s = str(spec_or_name)
-    p = Path(s).expanduser()
-    if s.endswith((".yaml", ".yml")) or p.is_file():
-        if not p.is_file():
-            return False   # the old "does not exist" error
-        head = re.findall(r"^(task|group|dataset_path|include)\s*:\s*(.*)$", p.read_text(errors="replace"), re.M)
-        return any(k != "include" or v.strip().strip("'\"").endswith((".yaml", ".yml")) for k, v in head)
-    return s.startswith("s3t_") or s not in list_tasks()
+def load_task(name_or_yaml: str | Path, limit: int | None = None, seed: int | None = 0, *,
+              include_path: str | Path | Sequence[str] | None = None) -> Task:
+    """Load one task (see :func:`load_tasks`); a name that stands for several tasks (a tag) is an error."""
+    got = load_tasks([name_or_yaml], limit=limit, seed=seed, include_path=include_path)
+    if len(got) != 1:
+        raise TaskError(f"{name_or_yaml!r} names {len(got)} lm-eval tasks ({', '.join(t.name for t in got)}); "
+                        "load them with s3t_llm.evaluation.load_tasks")
+    return got[0]
 
 
-def load_task(spec_or_name: str | Path | Mapping, limit: int | None = None, seed: int = 0) -> Task:
-    """Load a task: every record is validated; ``limit`` keeps a fixed seeded random subset (in file order).
+def list_tasks(include_path=None) -> list[str]:
+    """The old task names (aliases) and the lm-eval tasks and groups of ``eval/lm_tasks``, ``S3T_EVAL_TASKS``
+    and ``include_path`` (not lm-eval's own)."""
+    from . import lm_tasks
 
-    lm-eval task names (``s3t_arc_easy``, lm-eval's own) and lm-eval task YAML paths are loaded through
-    :func:`s3t_llm.lm_tasks.load_lm_tasks` (same ``limit``/``seed`` subset)."""
-    if _is_lm_eval_name(spec_or_name):
-        from . import lm_tasks
-
-        try:
-            got = lm_tasks.load_lm_tasks([str(spec_or_name)], limit=limit, seed=seed)
-        except TaskError as e:
-            if str(spec_or_name).startswith("s3t_") or not str(e).startswith("unknown lm-eval task"):
-                raise
-            raise TaskError(f"no task spec named {str(spec_or_name)!r} (looked in "
-                            f"{', '.join(str(d) for d in task_dirs())}; known: {', '.join(list_tasks()) or 'none'}) "
-                            f"and {e}") from e
-        if len(got) != 1:
-            raise TaskError(f"{spec_or_name!r} names {len(got)} lm-eval tasks ({', '.join(t.name for t in got)}); "
-                            "load them with s3t_llm.lm_tasks.load_lm_tasks")
-        return got[0]
-    spec = load_spec(spec_or_name)
-    records = load_records(spec)
-    if not records:
-        raise TaskError(f"task {spec['name']!r}: no records")
-    items = [build_item(r, i, spec) for i, r in enumerate(records)]
-    n_total = len(items)
-    if limit is not None:
-        if limit < 1:
-            raise TaskError(f"task {spec['name']!r}: limit must be >= 1, got {limit}")
-        if limit < n_total:
-            keep = sorted(random.Random(seed).sample(range(n_total), limit))
-            items = [items[i] for i in keep]
-    return Task(name=spec["name"], items=items, n_total=n_total, metrics=list(spec.get("metrics", ["acc", "acc_norm"])),
-                mode=spec.get("mode", "choice"), spec=spec)
+    return sorted(set(lm_tasks.ALIASES) | set(lm_tasks.list_lm_tasks(include_path)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1141,9 +690,8 @@ def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: Any = "hf", pre
 
 __all__ = [
     "TaskError", "Item", "Task", "Scorer", "TokenScorer", "HFScorer", "VLLMCompletionsScorer", "VLLMOfflineScorer",
-    "list_tasks", "load_spec", "load_records", "load_task", "build_item", "get_field", "render", "encode_pair",
-    "evaluate", "ensemble_probs", "item_predictions", "format_results", "export_lm_eval_task", "run_lm_eval",
-    "hellaswag_preprocess", "TASKS_DIR",
+    "list_tasks", "load_task", "load_tasks", "env_include_paths", "encode_pair", "evaluate", "ensemble_probs",
+    "item_predictions", "format_results", "export_lm_eval_task", "run_lm_eval", "evaluate_served",
 ]
 
 
@@ -1209,9 +757,7 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
         out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
     from . import lm_tasks
 
-    loaded = [x for t in tasks for x in (lm_tasks.load_lm_tasks([t], include_path=include_path, limit=limit, seed=seed)
-                                         if include_path is not None and _is_lm_eval_name(t)
-                                         else [load_task(t, limit=limit, seed=seed)])]
+    loaded = load_tasks(list(tasks), limit=limit, seed=seed, include_path=include_path)   # all checked first
     if scorers:
         res = evaluate(scorers, loaded, progress=progress, return_samples=True)
         for name, tr in res["tasks"].items():

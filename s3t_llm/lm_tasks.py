@@ -43,6 +43,19 @@ SUPPORTED_OUTPUT_TYPES = ("multiple_choice",)
 PREFIX = "s3t_"
 FEWSHOT_SEED = 1234          # lm_eval.simple_evaluate's default fewshot_random_seed
 
+#: The old task names (the retired ``eval/tasks/*.yaml`` specs) -> the lm-eval tasks of ``eval/lm_tasks`` that
+#: replace them (item for item equal). A task loaded by an old name keeps that name (in results, reports).
+ALIASES: dict[str, str] = {
+    "arc_easy": "s3t_arc_easy",
+    "arc_challenge": "s3t_arc_challenge",
+    "piqa": "s3t_piqa",
+    "boolq": "s3t_boolq",
+    "hellaswag": "s3t_hellaswag",
+    "winogrande": "s3t_winogrande",
+    "openbookqa": "s3t_openbookqa",
+    "mmlu": "s3t_mmlu",
+}
+
 
 @dataclass
 class LMTask(Task):
@@ -52,6 +65,7 @@ class LMTask(Task):
     lm_tasks: dict = field(default_factory=dict, repr=False)
     docs: list = field(default_factory=list, repr=False)
     custom_metrics: bool = False     # process_results is the task's own, or several gold answers
+    selection: dict = field(default_factory=dict, repr=False)   # leaf -> doc indices of its items (lm-eval samples=)
 
     def lm_task_of(self, i: int):
         return self.lm_tasks[self.docs[i][0]]
@@ -65,7 +79,9 @@ _MANAGERS: dict[tuple, Any] = {}
 
 
 def _include_paths(include_path) -> list[str]:
+    """``include_path`` (a folder or a list), the ``S3T_EVAL_TASKS`` folders, then ``eval/lm_tasks``."""
     extra = [] if include_path is None else ([include_path] if isinstance(include_path, (str, Path)) else list(include_path))
+    extra += evaluation.env_include_paths()
     out = [str(Path(p).expanduser().resolve()) for p in extra]
     for p in out:
         if not Path(p).is_dir():
@@ -260,12 +276,12 @@ def _custom_process_results(task) -> bool:
     return callable(getattr(task.config, "process_results", None))
 
 
-def _items_of(task, leaf: str, *, limit, seed, offset: int, group: str | None) -> tuple[list[Item], list, int, bool]:
+def _items_of(task, leaf: str, *, limit, seed, offset: int, group: str | None,
+              samples: list[int] | None = None) -> tuple[list[Item], list, int, bool]:
     _check_output_type(leaf, task.OUTPUT_TYPE)
     if "acc_mutual_info" in getattr(task, "_metric_fn_list", {}):
         raise TaskError(f"lm-eval task {leaf!r}: acc_mutual_info (unconditional requests) is not supported")
     n_total = len(task.eval_docs)
-    samples = None
     lm_limit = limit
     if limit is not None:
         if limit < 1:
@@ -337,21 +353,24 @@ def load_lm_tasks(names: str | Iterable[str], include_path=None, limit: int | No
     task_log = logging.getLogger("lm_eval.api.task")
     task_log.addFilter(_quiet_custom_dataset)
     try:
-        checked = [_resolve(n, include_path) for n in names]        # every name checked first
-        resolved = [(name, build()) for name, build in checked]     # then lm-eval builds (reads the data)
+        checked = [(n, *_resolve(ALIASES.get(n, n), include_path)) for n in names]   # every name checked first
+        resolved = [(asked, name, build()) for asked, name, build in checked]      # then lm-eval builds (reads data)
     finally:
         task_log.removeFilter(_quiet_custom_dataset)
     out: list[LMTask] = []
-    for name, res in resolved:
+    for asked, name, res in resolved:
+        alias = asked if asked in ALIASES else None
         tasks, groups = res["tasks"], res["groups"]
         if groups:
             children = {c for kids in res.get("group_map", {}).values() for c in kids}
             tops = [g for g in groups if g not in children] or list(groups)
             title = name if name in groups else tops[0]
-            out.append(_merge(title, [(leaf, tasks[leaf]) for leaf in sorted(tasks)], limit, seed, grouped=True))
+            out.append(_merge(alias or title, [(leaf, tasks[leaf]) for leaf in sorted(tasks)], limit, seed,
+                              grouped=True))
         else:
             for leaf in (sorted(tasks) if len(tasks) > 1 else tasks):
-                out.append(_merge(leaf, [(leaf, tasks[leaf])], limit, seed, grouped=False))
+                out.append(_merge(alias if alias and len(tasks) == 1 else leaf, [(leaf, tasks[leaf])], limit, seed,
+                                  grouped=False))
     return out
 
 
@@ -360,12 +379,40 @@ def _quiet_custom_dataset(record: logging.LogRecord) -> bool:
     return "Custom kwargs can be passed to `--metadata`" not in str(record.msg)
 
 
+def _pooled_samples(leaves: list[tuple[str, Any]], limit, seed) -> list[list[int] | None] | None:
+    """A seeded ``limit`` over a group: one random subset of the concatenated docs (leaves in order), as the
+    old specs drew it over all of MMLU, split into each leaf's doc indices; None when not seeded or all fit."""
+    if limit is None or seed is None or len(leaves) < 2:
+        return None
+    sizes = [len(t.eval_docs) for _, t in leaves]
+    total = sum(sizes)
+    if limit < 1 or limit >= total:
+        return None
+    pick = sorted(random.Random(seed).sample(range(total), int(limit)))
+    out, off = [], 0
+    for n in sizes:
+        out.append([i - off for i in pick if off <= i < off + n])
+        off += n
+    return out
+
+
 def _merge(title: str, leaves: list[tuple[str, Any]], limit, seed, *, grouped: bool) -> LMTask:
     items, docs, n_total, many_any, custom = [], [], 0, False, False
     metrics: list[str] = []
-    for leaf, t in leaves:
-        its, ds, n, many = _items_of(t, leaf, limit=limit, seed=seed, offset=n_total,
-                                     group=leaf if grouped else None)
+    selection: dict[str, list[int]] = {}
+    pooled = _pooled_samples(leaves, limit, seed) if grouped else None
+    for k, (leaf, t) in enumerate(leaves):
+        if pooled is not None:
+            if not pooled[k]:
+                n_total += len(t.eval_docs)
+                custom |= _custom_process_results(t)
+                continue
+            its, ds, n, many = _items_of(t, leaf, limit=None, seed=None, offset=n_total,
+                                         group=leaf, samples=pooled[k])
+        else:
+            its, ds, n, many = _items_of(t, leaf, limit=limit, seed=seed, offset=n_total,
+                                         group=leaf if grouped else None)
+        selection[leaf] = [it.index - n_total for it in its]
         items += its
         docs += ds
         n_total += n
@@ -375,7 +422,7 @@ def _merge(title: str, leaves: list[tuple[str, Any]], limit, seed, *, grouped: b
     return LMTask(name=title, items=items, n_total=n_total, metrics=metrics,
                   mode="partial" if items and items[0].continuation is not None else "choice",
                   spec={"name": title, "source": "lm_eval", "leaves": [leaf for leaf, _ in leaves]},
-                  lm_tasks=dict(leaves), docs=docs, custom_metrics=custom or many_any)
+                  lm_tasks=dict(leaves), docs=docs, custom_metrics=custom or many_any, selection=selection)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,10 +25,8 @@ from s3t_llm.evaluation import (
     evaluate,
     export_lm_eval_task,
     format_results,
-    get_field,
     list_tasks,
     load_task,
-    render,
 )
 from s3t_llm.paths import shared_data_dir
 
@@ -67,7 +65,7 @@ def test_full_task_counts_match_the_data_readme():
     assert got == FULL_COUNTS
     mmlu = load_task("mmlu")
     assert len({it.group for it in mmlu.items}) == 57
-    assert sum(it.group == "abstract_algebra" for it in mmlu.items) == 100
+    assert sum(it.group == "s3t_mmlu_abstract_algebra" for it in mmlu.items) == 100
 
 
 @needs_data
@@ -112,148 +110,39 @@ def test_prompts_follow_lm_eval_formats():
         "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
         "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q.\n"
         "A. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
-    assert mmlu.choices == ("A", "B", "C", "D") and mmlu.gold == 1 and mmlu.group == "abstract_algebra"
+    assert mmlu.choices == ("A", "B", "C", "D") and mmlu.gold == 1 and mmlu.group == "s3t_mmlu_abstract_algebra"
 
     arc_c = load_task("arc_challenge")
     assert {len(it.choices) for it in arc_c.items} == {3, 4, 5}
 
 
-# ------------------------------------------------------------------------------------------- generic loaders
+# ------------------------------------------------------------------------------------ loading (lm-eval tasks)
 
-def _spec(tmp_path, **kw):
-    base = {"name": "t", "prompt": "Q: {q}\nA:", "choices": "opts", "gold": "label"}
-    base.update(kw)
-    return base
-
-
-def _jsonl(tmp_path, rows, name="d.jsonl"):
-    p = tmp_path / name
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return p
-
-
-def test_jsonl_dotted_fields_and_gold_index_of(tmp_path):
-    rows = [{"question": {"stem": "2+2?", "choices": [{"text": "3", "label": "A"}, {"text": "4", "label": "B"}]},
-             "answerKey": "B "}]
-    p = _jsonl(tmp_path, rows)
-    t = load_task({"name": "arcish", "path": str(p), "prompt": "Question: {question.stem}\nAnswer:",
-                   "choices": "question.choices.text", "gold": "answerKey", "gold_index_of": "question.choices.label"})
-    it = t.items[0]
-    assert it.context == "Question: 2+2?\nAnswer:" and it.choices == ("3", "4") and it.gold == 1
-    assert it.requests == [("Question: 2+2?\nAnswer:", " 3"), ("Question: 2+2?\nAnswer:", " 4")]
-
-
-def test_json_csv_labels_file_path_fields_and_filters(tmp_path):
-    (tmp_path / "d.json").write_text(json.dumps({"rows": [{"q": " a ", "x": "u", "y": "v"}]}))
-    (tmp_path / "labels.lst").write_text("1\n")
-    t = load_task({"name": "j", "path": str(tmp_path / "d.json"), "records_key": "rows", "labels_path":
-                   str(tmp_path / "labels.lst"), "prompt": "{q|strip}|{q|upper}{{x}}", "choices": ["{x}", "{y}"],
-                   "gold": "label"})
-    assert t.items[0].context == "a| A {x}" and t.items[0].gold == 1
-
-    d = tmp_path / "csvs"
-    d.mkdir()
-    (d / "high_school_physics_test.csv").write_text("question,c0,c1,answer\nWhy?,no,yes,1\n")
-    (d / "anatomy_test.csv").write_text("question,c0,c1,answer\nHow?,so,thus,0\n")
-    t = load_task({"name": "c", "path": str(d / "*_test.csv"), "path_fields": {"subject": r"(.+)_test\.csv$"},
-                   "description": "About {subject|spaces}.\n\n", "prompt": "{question}", "choices": ["{c0}", "{c1}"],
-                   "gold": "answer", "group_by": "{subject}"})
-    assert [it.context for it in t.items] == ["About anatomy.\n\nHow?", "About high school physics.\n\nWhy?"]
-    assert [it.group for it in t.items] == ["anatomy", "high_school_physics"]
-
-    (tmp_path / "nohead.csv").write_text("What?,x,y,0\n")
-    t = load_task({"name": "n", "path": str(tmp_path / "nohead.csv"), "csv_columns": ["q", "a", "b", "g"],
-                   "prompt": "{q}", "choices": ["{a}", "{b}"], "gold": "g", "gold_map": {"0": 1, "1": 0}})
-    assert t.items[0].gold == 1
-
-
-def test_hellaswag_txt_loader(tmp_path):
-    p = tmp_path / "hs.txt"
-    p.write_text("Baking: A woman mixes flour [step] in a bowl. she\n1\npours it.\n eats it. \nsings.\nruns.\n")
-    t = load_task({"name": "hs", "path": str(p), "format": "hellaswag_txt", "prompt": "{query}",
-                   "choices": "endings", "gold": "label"})
-    it = t.items[0]
-    assert it.context == "Baking: A woman mixes flour in a bowl. She" and it.gold == 1
-    assert it.choices == ("pours it.", "eats it.", "sings.", "runs.")
-    p.write_text("a: b\n0\nx\ny\n")
-    with pytest.raises(TaskError, match="multiple of 6"):
-        load_task({"name": "hs", "path": str(p), "format": "hellaswag_txt", "prompt": "{query}",
-                   "choices": "endings", "gold": "label"})
-
-
-def test_include_extends_a_spec(tmp_path, monkeypatch):
-    d = tmp_path / "tasks"
-    d.mkdir()
-    _jsonl(tmp_path, [{"q": "a", "opts": ["x", "y"], "label": 0}], "one.jsonl")
-    _jsonl(tmp_path, [{"q": "b", "opts": ["x", "y"], "label": 1}], "two.jsonl")
-    (d / "base_t.yaml").write_text(f"name: base_t\npath: {tmp_path / 'one.jsonl'}\nprompt: 'Q: {{q}}'\n"
-                                   "choices: opts\ngold: label\nmetrics: [acc]\n")
-    (d / "child_t.yaml").write_text(f"include: base_t\nname: child_t\npath: {tmp_path / 'two.jsonl'}\n")
-    monkeypatch.setenv("S3T_EVAL_TASKS", str(d))
-    assert {"base_t", "child_t"} <= set(list_tasks())
-    t = load_task("child_t")
-    assert t.name == "child_t" and t.items[0].context == "Q: b" and t.items[0].gold == 1 and t.metrics == ["acc"]
-
-
-def test_get_field_and_render():
-    rec = {"a": {"b": [{"c": 1}, {"c": 2}]}, "s": "x_y"}
-    assert get_field(rec, "a.b.c") == [1, 2] and get_field(rec, "a.b.1.c") == 2
-    with pytest.raises(KeyError):
-        get_field(rec, "a.z")
-    assert render("{s|spaces}|{s|capitalize}|{{lit}}", rec) == "x y|X_y|{lit}"
-    with pytest.raises(TaskError, match="unknown template filter"):
-        render("{s|nope}", rec)
-
-
-# -------------------------------------------------------------------------------------------- validation
-
-def test_spec_errors(tmp_path):
-    p = _jsonl(tmp_path, [{"q": "a", "opts": ["x", "y"], "label": 0}])
-    with pytest.raises(TaskError, match="missing required key 'choices'"):
-        load_task({"name": "t", "path": str(p), "prompt": "{q}", "gold": "label"})
-    with pytest.raises(TaskError, match="missing required key 'prompt'"):
-        load_task({"name": "t", "path": str(p), "choices": "opts", "gold": "label"})
-    with pytest.raises(TaskError, match="missing required key 'path'"):
+def test_old_dict_specs_are_refused():
+    with pytest.raises(TaskError, match="retired"):
         load_task({"name": "t", "prompt": "{q}", "choices": "opts", "gold": "label"})
-    with pytest.raises(TaskError, match="unknown key.*'promt'"):
-        load_task(_spec(tmp_path, path=str(p), promt="x"))
-    with pytest.raises(TaskError, match="needs a 'continuation'"):
-        load_task(_spec(tmp_path, path=str(p), mode="partial"))
-    with pytest.raises(TaskError, match="at least 2"):
-        load_task(_spec(tmp_path, path=str(p), choices=["{q}"]))
-    with pytest.raises(TaskError, match="not found"):
-        load_task(_spec(tmp_path, path=str(tmp_path / "missing.jsonl")))
-    with pytest.raises(TaskError, match="no task spec named 'nope_task'"):
+
+
+def test_unknown_task_name():
+    with pytest.raises(TaskError, match="unknown lm-eval task 'nope_task'"):
         load_task("nope_task")
     with pytest.raises(TaskError, match="does not exist"):
-        load_task(str(tmp_path / "nope.yaml"))
+        load_task("/nonexistent/nope.yaml")
 
 
-def test_record_errors_name_the_field_and_index(tmp_path):
-    good = {"q": "a", "opts": ["x", "y"], "label": 0}
-    cases = [
-        ({"opts": ["x", "y"], "label": 0}, r"record 1: missing field 'q'"),
-        ({"q": "a", "label": 0}, r"record 1: missing field 'opts'"),
-        ({"q": "a", "opts": ["x", "y"]}, r"record 1: missing field 'label'"),
-        ({"q": "a", "opts": ["only"], "label": 0}, r"record 1: 1 choice\(s\); a multiple-choice item needs at least 2"),
-        ({"q": "a", "opts": ["x", "y"], "label": 2}, r"record 1: gold index 2 out of range for 2 choices"),
-        ({"q": "a", "opts": ["x", "y"], "label": -1}, r"record 1: gold index -1 out of range"),
-        ({"q": "a", "opts": "xy", "label": 0}, r"record 1: field 'opts' is a str, expected a list"),
-        ({"q": "a", "opts": ["x", "y"], "label": "B"}, r"record 1: gold value 'B' is not an index"),
-    ]
-    for bad, msg in cases:
-        p = _jsonl(tmp_path, [good, bad])
-        with pytest.raises(TaskError, match=msg):
-            load_task(_spec(tmp_path, path=str(p)))
-    p = _jsonl(tmp_path, [{"k": "Z", "labels": ["A", "B"], "q": "a", "opts": ["x", "y"]}])
-    with pytest.raises(TaskError, match=r"record 0: gold value 'Z' not found in 'labels'"):
-        load_task(_spec(tmp_path, path=str(p), gold="k", gold_index_of="labels"))
-    (tmp_path / "l.lst").write_text("0\n1\n")
-    with pytest.raises(TaskError, match="2 labels for 1 records"):
-        load_task(_spec(tmp_path, path=str(p), gold="label", labels_path=str(tmp_path / "l.lst")))
-    (tmp_path / "broken.jsonl").write_text('{"q": 1}\n{oops\n')
-    with pytest.raises(TaskError, match="line 2 is not valid JSON"):
-        load_task(_spec(tmp_path, path=str(tmp_path / "broken.jsonl")))
+def test_s3t_eval_tasks_is_an_lm_eval_include_path(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"q": "one?", "opts": ["a", "bb"], "label": 1}, {"q": "two?", "opts": ["ccc", "d"], "label": 0}]))
+    (tmp_path / "my_t.yaml").write_text(
+        "task: my_t\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {tmp_path / 'd.jsonl'}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        'doc_to_text: "Q: {{q}}\\nA:"\n' "doc_to_choice: '{{opts}}'\ndoc_to_target: label\n")
+    monkeypatch.setenv("S3T_EVAL_TASKS", str(tmp_path))
+    assert "my_t" in list_tasks()
+    t = load_task("my_t")
+    assert t.name == "my_t" and [it.choices for it in t.items] == [("a", "bb"), ("ccc", "d")]
+    assert t.items[0].context == "Q: one?\nA:" and [it.gold for it in t.items] == [1, 0]
 
 
 # --------------------------------------------------------------------------------------- metrics / ensemble
@@ -577,15 +466,7 @@ def test_vllm_offline_scorer_matches_hf_scorer(tiny_hf, tiny_llama, monkeypatch)
 
 
 @needs_data
-def test_mmlu_subject_as_its_own_task_via_include():
-    t = load_task({"include": "mmlu", "name": "mmlu_anatomy", "path": "eval/mmlu/test/anatomy_test.csv"})
-    assert t.name == "mmlu_anatomy" and t.n_total == 135 and {it.group for it in t.items} == {"anatomy"}
+def test_mmlu_subject_as_its_own_task():
+    t = load_task("s3t_mmlu_anatomy")
+    assert t.name == "s3t_mmlu_anatomy" and t.n_total == 135
     assert t.items[0].context.startswith("The following are multiple choice questions (with answers) about anatomy.")
-
-
-def test_hub_source_offline_raises_task_error(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TaskError, match="cannot load hub dataset"):
-        load_task({"name": "h", "hub": {"path": "no-such-org/no-such-dataset-s3t", "split": "test"},
-                   "prompt": "{q}", "choices": "opts", "gold": "label"})

@@ -42,20 +42,15 @@ def _key(it):
 
 @needs_data
 @pytest.mark.parametrize("name", SHIPPED)
-def test_lm_eval_yaml_items_match_the_old_spec(name):
-    # MMLU: the old spec is all 57 subjects as one task in file order, so its first 20 are abstract_algebra's
-    lm_name = "s3t_mmlu_abstract_algebra" if name == "mmlu" else f"s3t_{name}"
-    new = load_lm_tasks([lm_name], limit=N)
-    assert len(new) == 1 and isinstance(new[0], LMTask)
-    t = new[0]
-    old = load_task(name).items[:N]
-    assert [it.index for it in t.items] == list(range(N))
-    assert [_key(it) for it in t.items] == [_key(it) for it in old]
-    # the scored pairs are lm-eval's own instances
-    lm = t.lm_tasks[lm_name]
-    assert [tuple(i.arguments[:2]) for i in lm.instances] == [r for it in t.items for r in it.requests]
-    if name != "mmlu":
-        assert t.n_total == load_task(name).n_total
+def test_old_names_are_aliases_of_the_lm_eval_tasks(name):
+    # the old eval/tasks specs are retired; their names load the s3t_ lm-eval tasks (item for item equal, checked
+    # against the old specs before they were deleted) and keep the old name
+    assert lm_tasks.ALIASES[name] == f"s3t_{name}"
+    old = load_task(name, limit=N, seed=0)
+    new = load_task(f"s3t_{name}", limit=N, seed=0)
+    assert old.name == name and new.name == f"s3t_{name}" and isinstance(old, LMTask)
+    assert [(it.index, *_key(it)) for it in old.items] == [(it.index, *_key(it)) for it in new.items]
+    assert old.n_total == new.n_total
 
 
 @needs_data
@@ -73,7 +68,7 @@ def test_load_task_delegates_lm_eval_names_with_the_same_seeded_subset():
     assert isinstance(a, LMTask) and a.name == "s3t_piqa"
     assert [_key(x) for x in a.items] == [_key(x) for x in b.items]
     assert [x.index for x in a.items] == [x.index for x in b.items]
-    assert not isinstance(load_task("piqa", limit=2), LMTask)    # old names keep the old specs
+    assert b.name == "piqa" and isinstance(b, LMTask)             # old names are aliases
     c = load_task(str(Path(lm_tasks.LM_TASKS_DIR) / "s3t_boolq.yaml"), limit=3, seed=0)
     assert isinstance(c, LMTask) and c.name == "s3t_boolq"
 
