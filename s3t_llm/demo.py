@@ -75,7 +75,10 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
                 "evaluating the served model after each (zero-shot ARC-Easy + PIQA subsets, held-out loss)")
         deletions = pick_deletions(run, n_deletions)
         (run.dir / "demo_deletions.json").write_text(json.dumps(deletions, indent=1))
-        evals = [_evaluate(run, url, url, 0, eval_limit)] if evaluate else []
+        from .experiment import ScoreCache
+
+        scores = ScoreCache(None)  # by adapter content, in memory: an adapter a deletion left alone is not re-scored
+        evals = [_evaluate(run, url, url, 0, eval_limit, cache=scores)] if evaluate else []
         base_ref = evals[0] if evals else None
         for step, ids in enumerate(deletions, start=1):
             t1 = time.perf_counter()
@@ -92,7 +95,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
             print(f"  delete {ids[0]}: {what}; effective in {body['deletion_to_effect_seconds']:.2f} s "
                   f"(HTTP round trip {wall:.2f} s); certificate {body['certificate']}")
             if evaluate:
-                evals.append(_evaluate(run, url, None, step, eval_limit, base_ref))
+                evals.append(_evaluate(run, url, None, step, eval_limit, base_ref, cache=scores))
         st = requests.get(f"{url}/s3t/state", headers={"Authorization": f"Bearer {token}"}, timeout=60).json()
         print("  served now: " + ", ".join(f"shard {s['shard']} depth {s['depth']}" for s in st["shards"]))
         print(f"  engine adapter ids: {st.get('engine_adapter_ids')}  loaded: {st.get('adapters_loaded')}")
@@ -113,13 +116,15 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None, *, t
     return 0
 
 
-def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: dict | None = None) -> dict:
+def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: dict | None = None,
+              cache=None) -> dict:
     """Zero-shot ensemble scores and held-out loss of the served run, with the base model as reference
     (scored once, at step 0, and carried over: it does not change)."""
     from .evaluation import evaluate_served
 
     t0 = time.perf_counter()
-    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=16, base_url=base_url)
+    res = evaluate_served(run, url, tasks=("arc_easy", "piqa"), limit=limit, heldout=16, base_url=base_url,
+                          cache=cache)
     if base:
         for t, v in base["tasks"].items():
             res["tasks"].setdefault(t, {}).update({k: v[k] for k in ("base_acc", "base_acc_norm") if k in v})
@@ -131,7 +136,8 @@ def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: 
     h = res["heldout"]
     loss = f"held-out loss {h['mean']:.3f} (base {h['base']:.3f})" if h.get("mean") is not None else "no live shard"
     print(f"    after {step} request(s): {scores or 'no live shard'}; {loss}; depths {res['depths']} "
-          f"[{res['seconds']} s]", flush=True)
+          f"[{res['seconds']} s" + (f", {res['cache']['hits']} scores reused, {res['cache']['misses']} computed"
+                                   if "cache" in res else "") + "]", flush=True)
     return res
 
 

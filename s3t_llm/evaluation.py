@@ -723,8 +723,12 @@ def heldout_loss(scorer: TokenScorer, records: Sequence[Mapping], template: str 
 
 def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy", "piqa"), limit: int | None = 50,
                     heldout: int = 32, seed: int = 0, base_url: str | None = None, progress: bool = False,
-                    include_path: str | Path | Sequence[str] | None = None) -> dict:
+                    include_path: str | Path | Sequence[str] | None = None, cache=None) -> dict:
     """Zero-shot scores (per live shard adapter and their ensemble) and held-out loss of a served run.
+
+    ``cache``: an :class:`s3t_llm.experiment.ScoreCache` shared between calls; every request is then looked up by
+    (adapter content, token ids) first, so an adapter that a deletion did not change is not scored again (the
+    base model is keyed by its fingerprint). ``out["cache"]`` then gives this call's hits and misses.
 
     Every live shard's adapter is scored through the gateway (``model`` = the adapter's name); the ensemble
     averages the shards' choice probabilities, as SISA/S3T ensembles do. ``base_url`` (vLLM's own URL) adds
@@ -755,6 +759,14 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
                                              max_length=max_len, batch_size=1)
     if not scorers:
         out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
+    if cache is not None:
+        from .experiment import cached, content_key
+
+        h0, m0 = cache.hits, cache.misses
+        adapters = {f"shard{s['shard']}": s["adapter"] for s in live}
+        scorers = {k: cached(sc, content_key(run, adapters[k]), cache) for k, sc in scorers.items()}
+        refs = {k: cached(sc, "base:" + str(run.info.get("base_fingerprint", run.model_path)), cache)
+                for k, sc in refs.items()}
     from . import lm_tasks
 
     loaded = load_tasks(list(tasks), limit=limit, seed=seed, include_path=include_path)   # all checked first
@@ -781,4 +793,7 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
                           "mean": sum(losses.values()) / len(losses) if losses else None}
         if refs:
             out["heldout"]["base"] = heldout_loss(refs["base"], recs, tmpl, ml)["loss"]
+    if cache is not None:
+        out["cache"] = {"hits": cache.hits - h0, "misses": cache.misses - m0}
+        cache.save()
     return out

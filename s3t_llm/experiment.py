@@ -169,15 +169,18 @@ def pick_requests(run: Run, n: int, *, prior: str = "uniform", skew: float = 0.5
 
 # ----- 2. scoring backends --------------------------------------------------------------------------------
 class ScoreCache:
-    """Log-likelihoods by (model content key, token ids), kept in a JSON file between invocations.
+    """Log-likelihoods by (model content key, token ids), kept in a JSON file between invocations
+    (``path=None``: in this process's memory only, e.g. the demo's scores across its deletions).
 
     Entries are keyed by an HMAC under the run ledger's secret tombstone key, not a plain hash: the file scores
-    deleted samples too (the audit), and a plain hash of their token ids would confirm a guessed text."""
+    deleted samples too (the audit), and a plain hash of their token ids would confirm a guessed text. The model
+    key is an adapter's content (its name carries the digest of its blocks), so an adapter that a deletion did not
+    change is never scored twice, and a new adapter never reads an old one's entries."""
 
-    def __init__(self, path: Path, key_hex: str | None = None):
+    def __init__(self, path: Path | None = None, key_hex: str | None = None):
         self.path = path
         self._key = bytes.fromhex(key_hex) if key_hex else b"s3t-score-cache"
-        self.data: dict[str, list] = json.loads(path.read_text()) if path.exists() else {}
+        self.data: dict[str, list] = json.loads(path.read_text()) if path is not None and path.exists() else {}
         self.hits = self.misses = 0
 
     def key(self, model_key: str, ctx, cont) -> str:
@@ -186,6 +189,8 @@ class ScoreCache:
         return hmac.new(self._key, f"{model_key}|{list(ctx)}|{list(cont)}".encode(), hashlib.sha256).hexdigest()[:40]
 
     def save(self) -> None:
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         tmp.replace(self.path)

@@ -228,3 +228,50 @@ def test_cli_eval_takes_include_path():
                                    "--limit", "5"])
     assert (a.tasks, a.include_path, a.limit) == ("my_task,s3t_piqa", "DIR", 5)
     assert build_parser().parse_args(["eval", "runs/x"]).include_path is None
+
+
+@pytest.mark.slow
+def test_offline_per_shard_scores_equal_lm_evals_own_hf_peft_run(tiny_llama, tmp_path):
+    """A shard adapter scored offline (HFScorer, fp32) against `lm_eval --model hf --model_args
+    pretrained=BASE,peft=ADAPTER` on the very task YAMLs of eval/lm_tasks: the same items, per-choice
+    log-likelihoods equal up to fp32 batching (lm-eval pads other batches), hence the same acc and acc_norm."""
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from s3t_llm.evaluation import HFScorer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)  # a trained-looking adapter: not the identity
+    adapter = tmp_path / "adapter"
+    pm.save_pretrained(str(adapter))
+    names, n_items = ["s3t_arc_easy", "s3t_boolq"], 12
+    ours = lm_tasks.load_lm_tasks(names, limit=n_items, seed=None)       # lm-eval's own `limit`: the first docs
+    sc = HFScorer.from_pretrained(str(tiny_llama), adapter=str(adapter))
+    res = evaluate({"shard0": sc}, ours, progress=False, return_samples=True)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tiny_llama},peft={adapter},dtype=float32", tasks=names,
+        task_manager=TaskManager(include_path=str(lm_tasks.LM_TASKS_DIR)), limit=n_items, batch_size=4,
+        device="cpu", log_samples=True)
+    worst = 0.0
+    for name in names:
+        mine = {s["index"]: s["lls"]["shard0"] for s in res["samples"][name]}
+        got = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in theirs["samples"][name]}
+        assert sorted(mine) == sorted(got) == list(range(n_items)), (name, sorted(mine), sorted(got))
+        for i in mine:
+            assert len(mine[i]) == len(got[i])
+            worst = max(worst, *(abs(a - b) for a, b in zip(mine[i], got[i])))
+        lm = theirs["results"][name]
+        ours_acc = res["tasks"][name]["scorers"]["shard0"]
+        metrics = [m for m in ("acc", "acc_norm") if f"{m},none" in lm]   # BoolQ's YAML lists acc only
+        assert "acc" in metrics and all(ours_acc[m] == lm[f"{m},none"] for m in metrics), (name, lm, ours_acc)
+    print(f"largest per-choice log-likelihood difference against lm-eval hf+peft: {worst:.2e}")
+    assert worst < 1e-4, worst

@@ -36,7 +36,48 @@ def _in_netns(args: list[str], timeout: float, **extra_env: str) -> subprocess.C
     env = dict(os.environ, **extra_env, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     cmd = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, *args]
-    return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ours, ns = os.stat("/proc/self/ns/net").st_ino, None
+    deadline = time.time() + 10
+    while ns is None and time.time() < deadline and proc.poll() is None:
+        try:
+            ino = os.stat(f"/proc/{proc.pid}/ns/net").st_ino
+            ns = ino if ino != ours else None
+        except FileNotFoundError:
+            break
+        time.sleep(0.01)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise
+    finally:
+        # Ray's own processes (GCS, raylets, workers) of a helper that failed half way would outlive it and load
+        # the machine for every later test: end whatever is still in the helper's namespace.
+        if ns is not None:
+            _kill_namespace(ns)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_namespace(ns_inode: int) -> None:
+    for _ in range(3):
+        left = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if os.stat(d / "ns" / "net").st_ino == ns_inode:
+                        left.append(int(d.name))
+                except (FileNotFoundError, PermissionError, ProcessLookupError):
+                    pass
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
 
 
 def _block_shas(run) -> dict:
@@ -62,12 +103,17 @@ def _helper_cluster(run_dir: str, del_dir: str, work: str, out: str) -> None:
     work = Path(work)
     target = os.environ["S3T_TEST_KILL_STAGE"]
     temp = Path(os.environ.get("S3T_TEST_RAY_TMP", "/tmp")) / f"s3tray{os.getpid()}"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1", "temp_dir": str(temp),
-        "_system_config": {"automatic_object_spilling_enabled": False}})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    # Cluster.add_node writes the head's address to Ray's default temp dir whatever temp_dir says: on a fresh
+    # machine /tmp/ray does not exist yet (a CI run failed on that).
+    from ray._private.utils import get_ray_address_file
+
+    Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster()
     killed: dict = {}
     try:
+        cluster.add_node(num_cpus=1, include_dashboard=False, node_ip_address="127.0.0.1", temp_dir=str(temp),
+                         _system_config={"automatic_object_spilling_enabled": False})
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         assert ray.cluster_resources().get("CPU") == 2.0 and len(ray.nodes()) == 2
 

@@ -132,6 +132,19 @@ def test_served_evaluation_matches_peft(served):
     url, run = served["url"], served["run"]
     # vLLM itself listens on a private Unix socket now: no base-model reference through vLLM's own URL.
     res = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8)
+    # With a score cache (keyed by adapter content): the first call computes every request, the second (nothing
+    # served changed) none, and both give the uncached results.
+    from s3t_llm.experiment import ScoreCache
+
+    cache = ScoreCache(None)
+    first = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8, cache=cache)
+    again = evaluate_served(run, url, tasks=("arc_easy",), limit=8, heldout=8, cache=cache)
+    assert first["cache"]["hits"] == 0 and first["cache"]["misses"] > 0, first["cache"]
+    assert again["cache"] == {"hits": first["cache"]["misses"], "misses": 0}, again["cache"]
+    assert again["tasks"] == first["tasks"] and again["heldout"] == first["heldout"]  # the very same numbers
+    assert first["tasks"]["arc_easy"]["n"] == 8 and first["live_shards"] == res["live_shards"]
+    for k, v in res["heldout"]["per_shard"].items():  # computed afresh through vLLM: equal up to its numerics
+        assert abs(first["heldout"]["per_shard"][k] - v) <= 1e-3 * abs(v), (first["heldout"], res["heldout"])
     st = state(url, served["token"])
     assert res["live_shards"] == [0, 1] and res["tasks"]["arc_easy"]["n"] == 8
     assert set(res["tasks"]["arc_easy"]["per_shard"]) == {"shard0", "shard1"}
