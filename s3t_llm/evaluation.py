@@ -764,8 +764,9 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
 
         h0, m0 = cache.hits, cache.misses
         adapters = {f"shard{s['shard']}": s["adapter"] for s in live}
-        scorers = {k: cached(sc, content_key(run, adapters[k]), cache) for k, sc in scorers.items()}
-        refs = {k: cached(sc, "base:" + str(run.info.get("base_fingerprint", run.model_path)), cache)
+        # keyed like the experiment's scores (backend | content): these are vLLM's, through the gateway
+        scorers = {k: cached(sc, "vllm|" + content_key(run, adapters[k]), cache) for k, sc in scorers.items()}
+        refs = {k: cached(sc, "vllm|base:" + str(run.info.get("base_fingerprint", run.model_path)), cache)
                 for k, sc in refs.items()}
     from . import lm_tasks
 

@@ -439,11 +439,15 @@ def score_models(backend, models: dict[str, str], probe: Probe, cache: ScoreCach
 
 
 def _model_key(backend, model: str) -> str:
+    """The model's content plus the backend that scores it (vLLM serves bf16 on CPU, the offline backend fp32:
+    one experiment directory rerun with the other backend must not read the first one's scores)."""
     if model == "base":
-        return "base:" + backend.run.info["base_fingerprint"]
-    if model in backend.references:
-        return "ref:" + model
-    return content_key(backend.run, model)
+        key = "base:" + backend.run.info["base_fingerprint"]
+    elif model in backend.references:
+        key = "ref:" + model
+    else:
+        key = content_key(backend.run, model)
+    return f"{getattr(backend, 'kind', 'unknown')}|{key}"
 
 
 def example_losses(backend, model: str, records: list[dict], probe: Probe, cache: ScoreCache) -> list[float]:

@@ -22,8 +22,9 @@ from tests.vllm_helpers import serving_gateway, tiny_vllm_model, trained_run  # 
 
 pytestmark = pytest.mark.slow
 PROMPT = alpaca_prompt("Describe a sunset.")
-LONG = 3500  # far longer than the test waits (max_model_len 4096): a CI run under load saw a 1500-token
-#             generation finish between the in-flight check and the cut
+LONG = 3500  # max_model_len 4096. The switch loads the new adapter on both replicas before it cuts, and on 2 busy
+#             cores that load waits behind the generation steps: CI saw a whole non-streamed answer finish (and be
+#             sent: the switch waits for a committed send) before the cut, so the test accepts that case below.
 
 
 def scrape(url) -> dict:
@@ -80,7 +81,7 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
         r = httpx.post(gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
                        json={"model": "r2", "prompt": PROMPT + f" !{i}", "max_tokens": LONG, "temperature": 0,
                              "ignore_eos": True})
-        plain.append((r.status_code, r.json()))
+        plain.append((r.status_code, r.json(), time.time()))
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in (0, 1)]
     threads += [threading.Thread(target=nonstream, args=(i,)) for i in (0, 1)]
@@ -105,7 +106,17 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
     for s in streams:
         assert s[-1][1]["error"]["code"] == "deletion_in_progress"
         assert all(t <= t_ack for t, _ in s[:-1]) and all(e["model"] == old for _, e in s[:-1])
-    assert [p[0] for p in plain] == [503, 503]
+    # A non-streamed request is either cut (503) or its whole answer was committed before the cut and sent before
+    # the acknowledgement (the switch waits for that send); nothing of the old adapter arrives later.
+    committed = 0
+    for code, body, t_got in plain:
+        if code == 200:
+            committed += 1
+            assert body["model"] == old and body["choices"][0]["finish_reason"] == "length", body
+            assert t_got <= t_ack + 2.0, (t_got, t_ack)  # received with the ack at the latest (thread scheduling)
+        else:
+            assert code == 503 and body["error"]["code"] == "deletion_in_progress", body
+    assert len(plain) == 2 and committed < 2, plain
     for srv in (a, b):  # each engine's own list: the superseded adapter is gone from both
         assert old not in srv.ids and srv.engine_loras() == {srv.ids[n] for n in srv.ids}
         assert set(srv.ids) == {e["name"] for e in gw.routing.values() if e}
@@ -151,7 +162,7 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
     d = lambda k, **lb: m1.get((k, tuple(sorted(lb.items()))), 0.0) - m0.get((k, tuple(sorted(lb.items()))), 0.0)  # noqa: E731
     assert d("s3t_deletions_total", outcome="applied") == 2
     assert d("s3t_deletion_to_effect_seconds_count") == 2
-    assert d("s3t_requests_cut_total") >= 4
+    assert d("s3t_requests_cut_total") >= 4 - committed   # a committed answer is sent, not cut
     assert m1[("s3t_replica_up", (("replica", "1"),))] == 1.0 and m1[("s3t_replica_fenced", (("replica", "1"),))] == 0.0
     assert sum(v for (k, lb), v in m1.items() if k == "s3t_requests_total") - \
         sum(v for (k, lb), v in m0.items() if k == "s3t_requests_total") == 8
