@@ -62,17 +62,23 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
     gw = two
     a, b = (r.server for r in gw.replicas)
     assert a.env["VLLM_CPU_OMP_THREADS_BIND"] != b.env["VLLM_CPU_OMP_THREADS_BIND"]
+    gw.wait_checks(60)  # the start-up switch's integrity check has finished (it holds the switch lock)
+    assert all(r.fenced is None for r in gw.replicas), [r.view() for r in gw.replicas]
     m0 = scrape(gw.url)
 
     # 1. Long generations on both replicas (streaming and not), then a deletion of shard 0's served prefix.
     old = gw.routing[0]["name"]
     streams: list[list] = [[], []]
     plain: list = []
+    opened: dict = {}  # stream -> (status, seconds to the response headers, body when not 200): for diagnosis
 
     def stream(i):
+        t_send = time.time()
         with httpx.stream("POST", gw.url + "/v1/completions", timeout=300, headers={"X-S3T-Shard": "0"},
                           json={"model": "r2", "prompt": PROMPT + f" #{i}", "max_tokens": LONG, "temperature": 0,
                                 "ignore_eos": True, "stream": True}) as r:
+            opened[i] = (r.status_code, round(time.time() - t_send, 2),
+                         r.read().decode()[:500] if r.status_code != 200 else None)
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     streams[i].append((time.time(), json.loads(line[6:])))
@@ -90,8 +96,10 @@ def test_two_replicas_cut_on_both_and_a_replica_killed_mid_deletion_is_fenced_th
     t0 = time.time()
     while (min(len(s) for s in streams) < 3 or gw.inflight.get(old, 0) < 4) and time.time() - t0 < 120:
         time.sleep(0.05)
-    assert gw.inflight.get(old, 0) == 4 and all(r.outstanding == 2 for r in gw.replicas), \
-        [r.outstanding for r in gw.replicas]
+    assert gw.inflight.get(old, 0) == 4 and all(r.outstanding == 2 for r in gw.replicas), dict(
+        outstanding=[r.outstanding for r in gw.replicas], waited=round(time.time() - t0, 1), opened=opened,
+        events=[len(s) for s in streams], last=[s[-1][1] if s else None for s in streams], plain=plain,
+        replicas=[r.view() for r in gw.replicas], integrity=gw.integrity, cut_requests=gw.cut_requests)
     seq = gw.run.sequences[gw.routing[0]["sequence"]]
     with gw.run.ledger() as led:
         victim = led.slice_samples(DATASET, 0, seq[gw.routing[0]["depth"] - 1])[0][0]
