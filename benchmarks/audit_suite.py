@@ -1,4 +1,4 @@
-"""The unlearning audit suite (``s3t_llm.audit``) on a memorising setting: before and after an S3T exact deletion
+"""The unlearning audit suite (``s3t_llm.evaluation.audit``) on a memorising setting: before and after an S3T exact deletion
 of >= 32 samples, against the oracle (the run retrained without them) and the base model.
 
     python benchmarks/audit_suite.py --threads 2                   # tiny random Llama, memorising; minutes on CPU
@@ -14,7 +14,7 @@ slice. Rows:
   i.e. the model S3T trains when the forget set was never there. PrivLeak and forget quality compare with it.
 
 Each AUC: forget samples vs ``--heldout`` never-seen held-out samples of the ledger, 95% bootstrap CI
-(``s3t_llm.audit.auc_with_ci``). The same numbers come from ``s3t audit RUN --ids FILE --data FILE --oracle RUN``.
+(``s3t_llm.evaluation.audit.auc_with_ci``). The same numbers come from ``s3t audit RUN --ids FILE --data FILE --oracle RUN``.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from s3t_llm.audit import ATTACKS, ATTACK_LABEL, audit_run
+    from s3t_llm.evaluation.audit import ATTACKS, ATTACK_LABEL, audit_run
     from s3t_llm.config import load_config
     from s3t_llm.deletion import apply_deletion, publish
     from s3t_llm.models import resolve_model

@@ -1,5 +1,5 @@
 """Exact S3T deletion against the approximate unlearning methods, every one measured with the full audit suite
-(``s3t_llm.audit``: loss, zlib, Min-K%, Min-K%++ and reference attacks with bootstrap CIs, MUSE PrivLeak against
+(``s3t_llm.evaluation.audit``: loss, zlib, Min-K%, Min-K%++ and reference attacks with bootstrap CIs, MUSE PrivLeak against
 the oracle, TOFU forget quality, verbatim memorisation), on the memorising setting of ``audit_suite.py`` where the
 attacks have power before deletion, with 32 forget samples.
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from s3t_llm.audit import ATTACK_LABEL, ATTACKS, _load_base, _load_served_model, audit_model, compare_to_oracle
+    from s3t_llm.evaluation.audit import ATTACK_LABEL, ATTACKS, _load_base, _load_served_model, audit_model, compare_to_oracle
     from s3t_llm.config import load_config
     from s3t_llm.deletion import apply_deletion, publish
     from s3t_llm.run import DATASET, Run
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from s3t_llm.audit import score_records_hf
+    from s3t_llm.evaluation.audit import score_records_hf
 
     tok = AutoTokenizer.from_pretrained(run.model_path)
     if tok.pad_token is None:

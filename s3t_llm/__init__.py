@@ -12,7 +12,10 @@ Modules, one concept each:
 - ``adapters``  the adapter store: blocks and materialised prefix adapters.
 - ``deletion``  deletion requests: journal, plan, switch, destroy, certify; crash recovery.
 - ``serving``   vLLM multi-LoRA server + the S3T gateway; ``vllm_ext`` its worker extension.
-- ``evaluation`` zero-shot tasks, scorers (HF / vLLM), shard ensembles, held-out loss, lm-eval bridge.
+- ``evaluation`` a package, one role per module: ``tasks`` (lm-eval tasks), ``scorers`` (HF+PEFT / vLLM,
+  held-out loss), ``ensemble`` (metrics, the shard ensemble, a served run), ``audit`` (the unlearning audit
+  suite), ``report`` (the plots and tables the demo and the experiment share).
+- ``experiment`` the deletion-stream experiment (its typed options: the recipe's ``experiment`` section).
 - ``unlearn``   DEL and gradient baselines: approximate unlearning, no guarantee.
 - ``paths``     where shared data, caches and runs live.
 - ``cli``       the ``s3t`` command.

@@ -89,11 +89,12 @@ def export_best(run) -> dict[int, tuple[str, int]]:
 def cmd_experiment(args) -> int:
     from .experiment import deletion_stream
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    deletion_stream(args.recipe, args.overrides, budgets=args.budgets, n_requests=args.requests, prior=args.prior,
+    # Flags given on the command line override the recipe's experiment section (as experiment.* overrides do).
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
+    deletion_stream(args.recipe, args.overrides, budgets=args.budgets, requests=args.requests, prior=args.prior,
                     skew=args.skew, eval_every=args.eval_every, tasks=tasks, limit=args.limit, heldout=args.heldout,
-                    audit=not args.no_audit, full_reference=not args.no_reference, generations=args.generations,
-                    backend=args.backend, out=args.out, seed=args.seed)
+                    audit=False if args.no_audit else None, reference=False if args.no_reference else None,
+                    generations=args.generations, backend=args.backend, out=args.out, seed=args.seed)
     return 0
 
 
@@ -266,7 +267,7 @@ def cmd_unlearn(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AuditError, audit_run, format_report, load_ids_and_records
+    from .evaluation.audit import AuditError, audit_run, format_report, load_ids_and_records
 
     try:
         ids, given = load_ids_and_records(args.ids, args.data)
@@ -419,25 +420,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("experiment", help="experiments: deletion-stream (quality, latency, audit vs deletions)")
     esub = sp.add_subparsers(dest="experiment", required=True)
-    ep = esub.add_parser("deletion-stream", help="S3T (several B) and SISA under the same stream of deletions")
+    ep = esub.add_parser("deletion-stream", help="S3T (several B) and SISA under the same stream of deletions",
+                         description="Options come from the recipe's experiment section (s3t_llm.config."
+                                     "ExperimentConfig); a flag given here overrides its field.")
     ep.add_argument("recipe")
-    ep.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe")
-    ep.add_argument("--budgets", type=_ints, default=[1, 2, 3], help="sequence budgets B (1 = SISA), e.g. 1,2,3")
-    ep.add_argument("--requests", type=int, default=8, help="number of single-sample deletion requests")
-    ep.add_argument("--prior", choices=["uniform", "skewed"], default="uniform",
-                    help="uniform over samples, or skewed: slice j hit with weight skew**j")
-    ep.add_argument("--skew", type=float, default=0.5)
-    ep.add_argument("--eval-every", type=int, default=1, help="evaluate after every k-th request")
-    ep.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated zero-shot tasks (lm-eval task names; arc_easy etc. alias s3t_arc_easy etc.)")
-    ep.add_argument("--limit", type=int, default=40, help="items per task (a fixed seeded subset); 0 for all")
-    ep.add_argument("--heldout", type=int, default=32, help="held-out records for the loss (the rest: audit)")
+    ep.add_argument("overrides", nargs="*", help="section.field=value overrides of the recipe (experiment.* too)")
+    ep.add_argument("--budgets", type=_ints, help="sequence budgets B (1 = SISA), e.g. 1,2,3 (default 1,2,3)")
+    ep.add_argument("--requests", type=int, help="number of single-sample deletion requests (default 8)")
+    ep.add_argument("--prior", choices=["uniform", "skewed"],
+                    help="uniform over samples (default), or skewed: slice j hit with weight skew**j")
+    ep.add_argument("--skew", type=float, help="default 0.5")
+    ep.add_argument("--eval-every", type=int, help="evaluate after every k-th request (default 1)")
+    ep.add_argument("--tasks", help="comma-separated zero-shot tasks (lm-eval task names; arc_easy etc. alias "
+                                    "s3t_arc_easy etc.; default arc_easy,piqa)")
+    ep.add_argument("--limit", type=int, help="items per task (a fixed seeded subset); 0 for all (default 40)")
+    ep.add_argument("--heldout", type=int, help="held-out records for the loss (the rest: audit; default 32)")
     ep.add_argument("--no-audit", action="store_true", help="skip the membership audit")
     ep.add_argument("--no-reference", action="store_true", help="skip the full LoRA fine-tune reference")
-    ep.add_argument("--generations", type=int, default=3, help="held-out prompts for the generation samples")
-    ep.add_argument("--backend", choices=["vllm", "offline"], default="vllm",
-                    help="vllm: serve each copy with `s3t serve`; offline: stored run + in-process scoring")
+    ep.add_argument("--generations", type=int, help="held-out prompts for the generation samples (default 3)")
+    ep.add_argument("--backend", choices=["vllm", "offline"],
+                    help="vllm (default): serve each copy with `s3t serve`; offline: stored run + in-process scoring")
     ep.add_argument("--out", help="experiment directory (default: <output_dir>/<name>-stream)")
-    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--seed", type=int)
     ep.set_defaults(func=cmd_experiment)
 
     sp = sub.add_parser("demo", help="the main job: simulate, train the CPU default recipe, serve, delete")

@@ -132,6 +132,29 @@ class RayConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """``s3t experiment deletion-stream``: the same stream of deletions on one run per budget B (B=1 is SISA).
+
+    The command-line flags override these fields (as ``experiment.<field>=value`` overrides do)."""
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # single-sample deletion requests, drawn uniformly or ("skewed") slice j with weight skew**j
+    requests: int = 8
+    prior: str = "uniform"
+    skew: float = 0.5
+    eval_every: int = 1  # evaluate after every k-th request (and after the last)
+    # lm-eval task names or task YAML paths (arc_easy etc. alias the shipped s3t_arc_easy etc.)
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
+    limit: int = 40  # items per task (a fixed seeded subset); 0 for all
+    heldout: int = 32  # held-out records for the loss (the rest: the audit's non-members)
+    audit: bool = True  # the membership audit before and after the stream
+    reference: bool = True  # also fine-tune one LoRA on all the data (the "full training" reference)
+    generations: int = 3  # held-out prompts for the generation samples
+    backend: str = "vllm"  # vllm: serve each copy with `s3t serve`; offline: in-process scoring
+    out: str | None = None  # experiment directory (null: <output_dir>/<name>-stream)
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     name: str = "s3t-run"
     output_dir: str = "runs"
@@ -141,6 +164,7 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -192,6 +216,19 @@ class RunConfig:
         if r.address not in (None, "", "local", "auto"):
             _check(re.fullmatch(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d+", r.address) is not None, "ray.address",
                    r.address, "use null/'local' (a local instance), 'auto' or HOST:PORT")
+        e = self.experiment
+        _check(bool(e.budgets) and all(b >= 1 for b in e.budgets), "experiment.budgets", e.budgets,
+               "need one or more budgets >= 1")
+        _check(e.requests >= 1, "experiment.requests", e.requests, "must be >= 1")
+        _check(e.eval_every >= 1, "experiment.eval_every", e.eval_every, "must be >= 1")
+        _check(e.prior in ("uniform", "skewed"), "experiment.prior", e.prior, "use 'uniform' or 'skewed'")
+        _check(0 < e.skew <= 1, "experiment.skew", e.skew, "must be in (0, 1] (slice j is hit with weight skew**j)")
+        _check(e.backend in ("vllm", "offline"), "experiment.backend", e.backend, "use 'vllm' or 'offline'")
+        _check(bool(e.tasks), "experiment.tasks", e.tasks, "name one or more tasks")
+        for f in ("limit", "heldout", "generations"):
+            _check(getattr(e, f) >= 0, f"experiment.{f}", getattr(e, f), "must be >= 0")
+        _check(self.data.limit is None or e.requests <= self.data.limit, "experiment.requests", e.requests,
+               f"exceeds the recipe's data.limit={self.data.limit} samples")
         return self
 
 

@@ -142,46 +142,42 @@ def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: 
 
 
 def write_report(run, evals: list[dict]) -> Path:
-    """JSONL of the measurements, a plot of quality against deletions, and a markdown report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """JSONL of the measurements, a plot of quality against deletions (every point with its standard error,
+    :mod:`s3t_llm.evaluation.report`, as the deletion-stream experiment draws it) and a markdown report."""
+    from .evaluation.report import Reference, Series, acc_cell, loss_cell, plot_quality
 
     out = run.dir / "report"
     out.mkdir(exist_ok=True)
     (out / "deletion_stream.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    xs = [e["requests"] for e in evals]
     tasks = sorted({t for e in evals for t in e["tasks"]})
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.4))
-    for ax, t in zip(axes, tasks):
-        ax.plot(xs, [100 * e["tasks"].get(t, {}).get("acc", float("nan")) for e in evals], "o-", label="S3T served (ensemble)")
-        base = [e["tasks"][t]["base_acc"] for e in evals if "base_acc" in e["tasks"].get(t, {})]
-        if base:
-            ax.axhline(100 * base[0], color="gray", ls="--", label="base, no fine-tuning")
-        ax.set(title=f"{t} accuracy (%)", xlabel="deletion requests")
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    ax.plot(xs, [e["heldout"].get("mean", float("nan")) or float("nan") for e in evals], "o-", label="S3T served (mean over shards)")
-    if evals and evals[0]["heldout"].get("base") is not None:
-        ax.axhline(evals[0]["heldout"]["base"], color="gray", ls="--", label="base, no fine-tuning")
-    ax.set(title="held-out Alpaca loss / token", xlabel="deletion requests")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_deletions.png", dpi=120)
-    plt.close(fig)
+    points = [{"requests": e["requests"], "depth": sum(e["depths"]) / max(1, len(e["depths"])),
+               "tasks": e["tasks"], "heldout_loss": e["heldout"].get("mean"),
+               "heldout_loss_stderr": e["heldout"].get("mean_stderr")} for e in evals]
+    refs = []
+    if evals:
+        first = evals[0]
+        base_tasks = {t: {"acc": v.get("base_acc"), "acc_stderr": v.get("base_acc_stderr")}
+                      for t, v in first["tasks"].items() if "base_acc" in v}
+        if base_tasks or first["heldout"].get("base") is not None:
+            refs.append(Reference("base, no fine-tuning", base_tasks, first["heldout"].get("base"),
+                                  first["heldout"].get("base_stderr")))
+    plot_quality(out / "quality_vs_deletions.png", [Series("S3T served (ensemble; loss: mean over shards)", points)],
+                 tasks, refs)
     lines = ["# Deletion stream: quality of the served S3T model after each request", "",
              f"Run `{run.config.name}` ({run.shards} shards x {run.config.s3t.slices} slices, "
-             f"B={len(run.sequences)}), base `{run.model_path}`.", "",
+             f"B={len(run.sequences)}), base `{run.model_path}`. Accuracies in % ± lm-eval's standard error; "
+             "held-out loss per token ± its standard error.", "",
              "| requests | served depths | " + " | ".join(f"{t} acc (base)" for t in tasks) + " | held-out loss (base) |",
              "|---|---|" + "---|" * len(tasks) + "---|"]
     for e in evals:
         cells = []
         for t in tasks:
             v = e["tasks"].get(t, {})
-            cells.append(f"{100 * v['acc']:.1f} ({100 * v['base_acc']:.1f})" if "acc" in v else "n/a")
+            base = {"acc": v.get("base_acc"), "acc_stderr": v.get("base_acc_stderr")}
+            cells.append(f"{acc_cell(v)} ({acc_cell(base)})" if "acc" in v else "n/a")
         h = e["heldout"]
-        loss = f"{h['mean']:.3f} ({h['base']:.3f})" if h.get("mean") is not None else "n/a (no live shard)"
+        loss = (f"{loss_cell(h['mean'], h.get('mean_stderr'))} ({loss_cell(h.get('base'), h.get('base_stderr'))})"
+                if h.get("mean") is not None else "n/a (no live shard)")
         lines.append(f"| {e['requests']} | {e['depths']} | " + " | ".join(cells) + f" | {loss} |")
     lines += ["", "![quality vs deletions](quality_vs_deletions.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

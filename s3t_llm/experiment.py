@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -432,8 +431,10 @@ def score_models(backend, models: dict[str, str], probe: Probe, cache: ScoreCach
         out["tasks"][name] = {"acc": ens["acc"], "acc_norm": ens["acc_norm"], "n": tr["n"],
                               "acc_stderr": ens.get("acc_stderr"),
                               "per_model": {s: tr["scorers"][s]["acc"] for s in scorers}}
+    out["heldout_stderr"] = {}
     for label, sc in scorers.items():
-        out["heldout"][label] = heldout_loss(sc, probe.heldout, probe.template, probe.max_length)["loss"]
+        h = heldout_loss(sc, probe.heldout, probe.template, probe.max_length)
+        out["heldout"][label], out["heldout_stderr"][label] = h["loss"], h["stderr"]
     cache.save()
     return out
 
@@ -537,10 +538,10 @@ def membership_audit(backend, served: list[dict], cells: dict[str, tuple[int, in
 
 
 def _suite_scores(backend, model: str, records: list[dict], probe: Probe) -> list:
-    """Per-token response log-probabilities for ``s3t_llm.audit``: in this process (transformers, with the
+    """Per-token response log-probabilities for ``s3t_llm.evaluation.audit``: in this process (transformers, with the
     full-vocabulary statistics Min-K%++ needs) offline, from vLLM's prompt_logprobs through the gateway when served
     (every attack but Min-K%++)."""
-    from .audit import score_records_hf, score_records_vllm
+    from .evaluation.audit import score_records_hf, score_records_vllm
 
     if not records:
         return []
@@ -555,9 +556,9 @@ def _suite_scores(backend, model: str, records: list[dict], probe: Probe) -> lis
 
 def audit_suite(backend, adapters: dict, picks: dict, cells: dict, unseen: list[dict], probe: Probe, *,
                 seed: int = 0, n_boot: int = 1000) -> dict:
-    """The audit suite (``s3t_llm.audit``: loss, zlib, Min-K%, Min-K%++ where the backend allows, reference = the
+    """The audit suite (``s3t_llm.evaluation.audit``: loss, zlib, Min-K%, Min-K%++ where the backend allows, reference = the
     base model) for each group of ``membership_audit``, with the same shard routing and the same non-members."""
-    from .audit import ModelScores, attack_table
+    from .evaluation.audit import ModelScores, attack_table
 
     per_shard: dict[int, tuple[dict, list]] = {}
     for s, e in adapters.items():  # one model at a time: its members of every group, then the unseen samples
@@ -583,25 +584,30 @@ def audit_suite(backend, adapters: dict, picks: dict, cells: dict, unseen: list[
 
 
 # ----- 4. the experiment ----------------------------------------------------------------------------------
-def deletion_stream(recipe: str | Path, overrides: Sequence[str] = (), *, budgets: Sequence[int] = (1, 2, 3),
-                    n_requests: int = 8, prior: str = "uniform", skew: float = 0.5, eval_every: int = 1,
-                    tasks: Sequence[str] = ("arc_easy", "piqa"), limit: int = 40, heldout: int = 32,
-                    audit: bool = True, full_reference: bool = True, generations: int = 3,
-                    backend: str = "vllm", out: str | Path | None = None, seed: int = 0) -> Path:
-    """Run the experiment (see the module docstring); returns the experiment directory."""
+def deletion_stream(recipe: str | Path | dict, overrides: Sequence[str] = (), **options) -> Path:
+    """Run the experiment (see the module docstring); returns the experiment directory.
+
+    The options are the recipe's typed ``experiment`` section (:class:`s3t_llm.config.ExperimentConfig`), filled
+    from the recipe, then ``overrides`` (``experiment.requests=4``, ``train.epochs=3``, ...), then ``options``
+    (``requests=4``, ``budgets=(1, 3)``, ...; None leaves a field as it is); all are checked before anything
+    runs."""
+    from .config import ExperimentConfig
     from .evaluation import load_task
 
-    if not budgets or any(b < 1 for b in budgets):
-        raise ConfigError(f"--budgets {list(budgets)}: need one or more budgets >= 1")
-    if n_requests < 1 or eval_every < 1:
-        raise ConfigError("--requests and --eval-every must be >= 1")
-    if backend not in ("vllm", "offline"):
-        raise ConfigError(f"--backend {backend!r}: use 'vllm' or 'offline'")
-    if prior not in ("uniform", "skewed") or not 0 < skew <= 1:
-        raise ConfigError(f"--prior {prior!r} --skew {skew}: use 'uniform', or 'skewed' with 0 < skew <= 1")
-    cfg = load_config(recipe, list(overrides))
-    if cfg.data.limit and n_requests > cfg.data.limit:
-        raise ConfigError(f"--requests {n_requests} exceeds the recipe's data.limit={cfg.data.limit} samples")
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown experiment option(s) {unknown}: the experiment section has {sorted(known)}")
+
+    def yaml_value(v):  # JSON is YAML: the override parser reads it back with its type
+        return json.dumps(list(v) if isinstance(v, (tuple, list)) else str(v) if isinstance(v, Path) else v)
+
+    ov = list(overrides) + [f"experiment.{k}={yaml_value(v)}" for k, v in options.items() if v is not None]
+    cfg = load_config(recipe, ov)
+    e = cfg.experiment
+    budgets, n_requests, prior, skew, eval_every = e.budgets, e.requests, e.prior, e.skew, e.eval_every
+    tasks, limit, heldout, audit, full_reference = e.tasks, e.limit, e.heldout, e.audit, e.reference
+    generations, backend, out, seed = e.generations, e.backend, e.out, e.seed
     loaded_tasks = [load_task(t, limit=limit or None, seed=seed) for t in tasks]  # bad task specs fail here
     exp_dir = Path(out) if out else Path(cfg.output_dir) / f"{cfg.name}-stream"
     exp_dir.mkdir(parents=True, exist_ok=True)
@@ -690,7 +696,8 @@ def _score_references(be, exp_dir: Path, ref_info: dict | None, probe: Probe, ca
     for label, m in models.items():
         r = score_models(be, {label: m}, probe, cache)
         res[label] = {"tasks": {t: {k: v[k] for k in ("acc", "acc_norm", "n", "acc_stderr")}
-                                for t, v in r["tasks"].items()}, "heldout_loss": r["heldout"][label]}
+                                for t, v in r["tasks"].items()}, "heldout_loss": r["heldout"][label],
+                      "heldout_loss_stderr": r["heldout_stderr"][label]}
         _say(f"    {label}: " + ", ".join(f"{t} {100 * v['acc']:.1f}%" for t, v in res[label]["tasks"].items())
              + f", held-out loss {res[label]['heldout_loss']:.4f}")
     return res
@@ -716,6 +723,8 @@ def _measure(be, run: Run, budget: int, step: int, body: dict | None, probe: Pro
         row["tasks"] = {t: {k: v[k] for k in ("acc", "acc_norm", "n", "acc_stderr", "per_model")}
                         for t, v in res["tasks"].items()}
         row["heldout_loss"] = sum(res["heldout"].values()) / len(res["heldout"])
+        # shards score the same records: the mean of their standard errors bounds the standard error of the mean
+        row["heldout_loss_stderr"] = sum(res["heldout_stderr"].values()) / len(res["heldout_stderr"])
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
     elif evaluate:
         row["note"] = "no live shard: every shard awaits retraining, nothing fine-tuned is served"
@@ -760,46 +769,28 @@ def _write_outputs(exp_dir: Path, cfg: RunConfig, budgets, rows, refs, audits, g
 
 
 def _plot(path: Path, budgets, rows, refs, tasks) -> None:
-    """One panel per measure against requests; budgets drawn from thick to thin so that equal curves (the same
-    adapters served) stay visible; base model and full fine-tune as horizontal reference lines."""
-    import matplotlib
+    """One panel per measure against requests (:func:`s3t_llm.evaluation.report.plot_quality`, every point with
+    its standard error); budgets drawn from thick to thin so that equal curves (the same adapters served) stay
+    visible; base model and full fine-tune as horizontal reference lines with their standard-error bands."""
+    from .evaluation.report import Reference, Series, plot_quality
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("live", "mean served depth (blocks per shard)")] + [(t, f"{t} accuracy (%)") for t in tasks] + \
-             [("loss", "held-out Alpaca loss / token")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.9), squeeze=False)
-    axes = axes[0]
     markers = "osD^v<>"
+    series = []
     for i, b in enumerate(budgets):
-        rs = [r for r in rows if r["budget"] == b]
-        lab = "SISA (B=1)" if b == 1 else f"S3T B={b}"
-        style = dict(lw=max(1.0, 4.5 - 1.4 * i), alpha=0.8, marker=markers[i % len(markers)], ms=4, label=lab)
-        ev = [r for r in rs if "tasks" in r or "note" in r]
-        for ax, (key, _) in zip(axes, panels):
-            if key == "live":
-                ax.step([r["requests"] for r in rs], [sum(r["depths"]) / len(r["depths"]) for r in rs],
-                        where="post", **{k: v for k, v in style.items() if k not in ("marker", "ms")})
-            elif key == "loss":
-                ax.plot([r["requests"] for r in ev], [r.get("heldout_loss", math.nan) for r in ev], **style)
-            else:
-                ax.plot([r["requests"] for r in ev],
-                        [100 * r.get("tasks", {}).get(key, {}).get("acc", math.nan) for r in ev], **style)
+        pts = []
+        for r in (r for r in rows if r["budget"] == b):
+            p = {"requests": r["requests"], "depth": sum(r["depths"]) / len(r["depths"])}
+            if "tasks" in r or "note" in r:
+                p.update(tasks=r.get("tasks", {}), heldout_loss=r.get("heldout_loss"),
+                         heldout_loss_stderr=r.get("heldout_loss_stderr"))
+            pts.append(p)
+        series.append(Series("SISA (B=1)" if b == 1 else f"S3T B={b}", pts,
+                             {"lw": max(1.0, 4.5 - 1.4 * i), "alpha": 0.8, "marker": markers[i % len(markers)]}))
     styles = {"base": ("gray", "--", "base model, no fine-tuning"), "full": ("black", ":", "full LoRA fine-tune")}
-    for ax, (key, title) in zip(axes, panels):
-        for name, (color, ls, lab) in styles.items():
-            if name not in refs or key == "live":
-                continue
-            y = refs[name]["heldout_loss"] if key == "loss" else 100 * refs[name]["tasks"].get(key, {}).get("acc", math.nan)
-            ax.axhline(y, color=color, ls=ls, label=lab)
-        ax.set(title=title, xlabel="deletion requests")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    references = [Reference(lab, refs[name]["tasks"], refs[name].get("heldout_loss"),
+                            refs[name].get("heldout_loss_stderr"), color, ls)
+                  for name, (color, ls, lab) in styles.items() if name in refs]
+    plot_quality(path, series, tasks, references)
 
 
 def _write_generations(path: Path, prompts, gens) -> None:
@@ -826,6 +817,8 @@ def _fmt_auc(x: dict | None) -> str:
 
 def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, backend, seconds, cache,
             n_heldout) -> str:
+    from .evaluation.report import acc_cell, loss_cell
+
     s = cfg.s3t
     L = [f"# Deletion stream: {cfg.name}", "",
          f"{s.shards} shards x {s.slices} slices, budgets B = {budgets} ({s.method}), {len(requests_)} single-sample "
@@ -836,17 +829,20 @@ def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, 
          + f"; held-out loss on {n_heldout} held-out Alpaca records (mean over the live shards' adapters: each "
          "request is served by one shard).", ""]
     L += ["## Quality after each request", "",
+          "Accuracies in % ± lm-eval's standard error; held-out loss ± the standard error of the per-token mean "
+          "(the mean over shards of the shards' standard errors: they score the same records).", "",
           "| method | requests | served depths | " + " | ".join(f"{t} acc" for t in tasks)
           + " | held-out loss | deletion to effect (s) |", "|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     for name, lab in (("base", "base (no fine-tuning)"), ("full", "full LoRA fine-tune (all data)")):
         if name in refs:
-            L.append(f"| {lab} | - | - | " + " | ".join(f"{100 * refs[name]['tasks'][t]['acc']:.1f}" for t in tasks)
-                     + f" | {refs[name]['heldout_loss']:.4f} | - |")
+            L.append(f"| {lab} | - | - | " + " | ".join(acc_cell(refs[name]["tasks"].get(t)) for t in tasks)
+                     + f" | {loss_cell(refs[name]['heldout_loss'], refs[name].get('heldout_loss_stderr'))} | - |")
     for r in rows:
         m = "SISA" if r["budget"] == 1 else f"S3T B={r['budget']}"
-        acc = " | ".join(f"{100 * r['tasks'][t]['acc']:.1f}" if t in r.get("tasks", {}) else
+        acc = " | ".join(acc_cell(r["tasks"][t]) if t in r.get("tasks", {}) else
                          ("n/a" if "note" in r else "-") for t in tasks)
-        loss = f"{r['heldout_loss']:.4f}" if "heldout_loss" in r else ("n/a (no live shard)" if "note" in r else "-")
+        loss = loss_cell(r["heldout_loss"], r.get("heldout_loss_stderr")) if "heldout_loss" in r else \
+            ("n/a (no live shard)" if "note" in r else "-")
         lat = f"{r['deletion_to_effect_s']:.2f}" if r.get("deletion_to_effect_s") is not None else "-"
         L.append(f"| {m} | {r['requests']} | {r['depths']} | {acc} | {loss} | {lat} |")
     L += ["", "![quality vs deletions](quality_vs_deletions.png)", ""]
@@ -884,11 +880,11 @@ def _report(cfg, budgets, rows, refs, audits, tasks, requests_, ref_info, runs, 
                      f"{_fmt_auc(af.get('unused'))} | {_fmt_auc(af.get('used'))} | "
                      f"{a.get('after', {}).get('dead_shards', [])} |")
         L.append("")
-        from .audit import ATTACK_LABEL, ATTACKS
+        from .evaluation.audit import ATTACK_LABEL, ATTACKS
 
         if any(a.get(w, {}).get("groups", {}).get("requested", {}).get("suite") for a in audits.values()
                for w in ("before", "after")):
-            L += ["### Audit suite on the deletion requests (`s3t_llm.audit`)", "",
+            L += ["### Audit suite on the deletion requests (`s3t_llm.evaluation.audit`)", "",
                   "AUC of the requested samples against unseen ones, 95% bootstrap CI, for each attack (Min-K%++ "
                   "needs the full-vocabulary log-probabilities: offline backend only; reference = loss minus the "
                   "base model's loss).", "",

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp, mannwhitneyu
 
-from s3t_llm import audit as A
-from s3t_llm.audit import (FullVocabularyRequired, ModelScores, TokenScores, attack_table, auc, auc_ci,
+from s3t_llm.evaluation import audit as A
+from s3t_llm.evaluation.audit import (FullVocabularyRequired, ModelScores, TokenScores, attack_table, auc, auc_ci,
                            auc_with_ci, forget_quality, lcs_length, min_k_pp_score, min_k_pp_token_scores, min_k_score,
                            privleak, privleak_muse, reference_score, rouge_l, zlib_score)
 

@@ -74,7 +74,7 @@ def stream(tmp_path_factory, tiny_llama, alpaca_sample):
     import yaml
 
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
-    exp = deletion_stream(recipe, budgets=(1, 3), n_requests=4, tasks=("arc_easy",), limit=6, heldout=8,
+    exp = deletion_stream(recipe, budgets=(1, 3), requests=4, tasks=("arc_easy",), limit=6, heldout=8,
                           generations=1, backend="offline", out=tmp / "exp")
     return {"dir": exp, "recipe": recipe, "data": data, "tmp": tmp,
             "rows": [json.loads(x) for x in (exp / "stream.jsonl").read_text().splitlines()]}
@@ -189,7 +189,7 @@ def test_outputs_audit_and_report(stream):
 
 
 def test_audit_reports_the_audit_suite_for_every_group(stream):
-    from s3t_llm.audit import ATTACKS
+    from s3t_llm.evaluation.audit import ATTACKS
 
     exp = stream["dir"]
     audit = json.loads((exp / "audit.json").read_text())
@@ -207,6 +207,27 @@ def test_audit_reports_the_audit_suite_for_every_group(stream):
                     assert 0.0 <= suite[a]["ci"][0] <= suite[a]["auc"] <= suite[a]["ci"][1] <= 1.0, (lab, when, g, a)
     report = (exp / "report.md").read_text()
     assert "Audit suite on the deletion requests" in report and "Min-K%++ (k=20%)" in report
+
+def test_experiment_options_are_a_typed_recipe_section_then_overrides_then_arguments(tmp_path):
+    cfg = load_config({"experiment": {"requests": 5, "tasks": ["piqa"], "budgets": [1, 2]}}, ["experiment.requests=6"])
+    assert (cfg.experiment.requests, cfg.experiment.tasks, cfg.experiment.budgets) == (6, ["piqa"], [1, 2])
+    assert cfg.experiment.backend == "vllm" and cfg.experiment.limit == 40  # the documented defaults
+    with pytest.raises(ConfigError, match="experiment.requests='many': expected an integer"):
+        load_config({}, ["experiment.requests=many"])
+    with pytest.raises(ConfigError, match="experiment.nope"):
+        load_config({"experiment": {"nope": 1}})
+    out = tmp_path / "e"
+    with pytest.raises(ConfigError, match=r"unknown experiment option\(s\) \['n_requests'\]"):
+        deletion_stream({}, n_requests=3, out=out)
+    # An argument overrides the recipe's field; None leaves it (the recipe's bad value is then reported).
+    with pytest.raises(ConfigError, match="experiment.requests=0"):
+        deletion_stream({"experiment": {"requests": 0}}, requests=None, out=out)
+    with pytest.raises(ConfigError, match="experiment.backend='tpu'"):
+        deletion_stream({"experiment": {"requests": 0, "backend": "tpu"}}, requests=2, out=out)
+    with pytest.raises(ConfigError, match="experiment.skew=2.0"):
+        deletion_stream({}, ["experiment.prior=skewed"], skew=2.0, out=out)
+    assert not out.exists()
+
 
 def test_bad_input_is_refused_before_anything_runs(stream, tmp_path):
     with pytest.raises(ConfigError, match="budgets"):
@@ -230,7 +251,7 @@ def test_bad_input_is_refused_before_anything_runs(stream, tmp_path):
 def test_served_stream_through_vllm_agrees_with_the_offline_one(stream):
     """The same stream through `s3t serve` (real vLLM multi-LoRA + gateway) and offline: same served depths at
     every step, held-out losses equal to float tolerance, and real deletion latencies recorded."""
-    kw = dict(budgets=(1, 2), n_requests=2, tasks=("arc_easy",), limit=3, heldout=4, generations=1)
+    kw = dict(budgets=(1, 2), requests=2, tasks=("arc_easy",), limit=3, heldout=4, generations=1)
     served = deletion_stream(stream["recipe"], backend="vllm", out=stream["tmp"] / "served", **kw)
     offline = deletion_stream(stream["recipe"], backend="offline", out=stream["tmp"] / "offline", **kw)
     rows = [[json.loads(x) for x in (d / "stream.jsonl").read_text().splitlines()] for d in (served, offline)]

@@ -1,4 +1,4 @@
-"""lm-eval task objects as the task source (s3t_llm.lm_tasks): the shipped eval/lm_tasks YAMLs against the old
+"""lm-eval task objects as the task source (s3t_llm.evaluation.lm_tasks): the shipped eval/lm_tasks YAMLs against the old
 specs, constructs the old spec language could not express (tests/fixtures/lm_tasks), lm-eval metrics, errors."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from s3t_llm import lm_tasks
+from s3t_llm.evaluation import lm_tasks
 from s3t_llm.evaluation import TaskError, evaluate, load_task
-from s3t_llm.lm_tasks import LMTask, ensemble_lls, lm_eval_scores, load_lm_tasks
+from s3t_llm.evaluation.lm_tasks import LMTask, ensemble_lls, lm_eval_scores, load_lm_tasks
 from s3t_llm.paths import shared_data_dir
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "lm_tasks"
@@ -198,6 +198,7 @@ def test_evaluate_served_passes_include_path_and_reports_lm_eval_metrics(monkeyp
     import requests
 
     from s3t_llm import evaluation
+    from s3t_llm.evaluation import ensemble
 
     class State:
         def json(self):
@@ -209,7 +210,7 @@ def test_evaluate_served_passes_include_path_and_reports_lm_eval_metrics(monkeyp
             self.tokenizer = "tok"
 
     monkeypatch.setattr(requests, "get", lambda *a, **k: State())
-    monkeypatch.setattr(evaluation, "VLLMCompletionsScorer", FakeServed)
+    monkeypatch.setattr(ensemble, "VLLMCompletionsScorer", FakeServed)  # the name evaluate_served uses
     data = types.SimpleNamespace(max_length=64, template="alpaca")
     run = types.SimpleNamespace(model_path="/base", config=types.SimpleNamespace(data=data), heldout=lambda: [])
     out = evaluation.evaluate_served(run, "http://gw", tasks=["fx_split", "fx_multi"], limit=None, include_path=FIX)

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import evaluation
-from .evaluation import METRICS, Item, Task, TaskError
-from .paths import REPO_ROOT
+from .tasks import METRICS, Item, Task, TaskError, env_include_paths
+from ..paths import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ _MANAGERS: dict[tuple, Any] = {}
 def _include_paths(include_path) -> list[str]:
     """``include_path`` (a folder or a list), the ``S3T_EVAL_TASKS`` folders, then ``eval/lm_tasks``."""
     extra = [] if include_path is None else ([include_path] if isinstance(include_path, (str, Path)) else list(include_path))
-    extra += evaluation.env_include_paths()
+    extra += env_include_paths()
     out = [str(Path(p).expanduser().resolve()) for p in extra]
     for p in out:
         if not Path(p).is_dir():
@@ -496,7 +495,9 @@ def evaluate(scorers, tasks: Iterable[LMTask | Task | str], *, include_path=None
     for t in tasks:
         loaded += [t] if isinstance(t, Task) else load_lm_tasks([t], include_path=include_path, limit=limit, seed=seed)
     want = kw.pop("return_samples", False)
-    res = evaluation.evaluate(scorers, loaded, return_samples=True, **kw)
+    from .ensemble import evaluate as evaluate_items
+
+    res = evaluate_items(scorers, loaded, return_samples=True, **kw)
     for t in loaded:
         if isinstance(t, LMTask):
             res["tasks"][t.name]["lm_eval"] = lm_eval_scores(t, res["samples"][t.name], list(scorers))

@@ -305,8 +305,8 @@ def encode_record(tokenizer, record: Mapping, template: str = "alpaca", max_leng
     """(prompt ids, response ids) of a record as training and ``evaluation.heldout_loss`` tokenise it: the
     rendered prompt, the response encoded after it (``evaluation.encode_pair``), EOS appended, the response
     cut so that prompt + response fit ``max_length``. None when no response token is left."""
-    from .evaluation import encode_pair
-    from .prompts import render_prompt
+    from .scorers import encode_pair
+    from ..prompts import render_prompt
 
     ctx, cont = encode_pair(tokenizer, render_prompt(record, template, tokenizer), record["output"])
     cont = list(cont) + [tokenizer.eos_token_id]
@@ -365,7 +365,7 @@ def score_records_hf(model, tokenizer, records: Sequence[Mapping], *, template: 
 def token_logprobs_from_prompt_logprobs(prompt_logprobs: Sequence, ids: Sequence[int], n_ctx: int) -> np.ndarray:
     """The log-probabilities of ``ids[n_ctx:]`` from vLLM's ``prompt_logprobs`` (one dict per prompt position,
     keyed by token id as int or str, entries ``{"logprob": ...}`` or objects with ``.logprob``)."""
-    from .evaluation import _logprob_entry
+    from .scorers import _logprob_entry
 
     return np.array([_logprob_entry(prompt_logprobs[pos], ids[pos])[0] for pos in range(n_ctx, len(ids))])
 
@@ -407,7 +407,7 @@ def greedy_completions(model, tokenizer, records: Sequence[Mapping], *, template
     VerbMem), at most ``max_new_tokens``; stops at EOS."""
     import torch
 
-    from .prompts import render_prompt
+    from ..prompts import render_prompt
 
     out = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -510,7 +510,7 @@ def privleak_table(served: dict, oracle: dict) -> dict:
 def load_ids_and_records(ids_file: str | Path, data_file: str | Path | None = None) -> tuple[list[str], dict]:
     """The ids to audit and the records given for them: the ids file may hold records (with ``id``) itself;
     ``data_file`` (JSON or JSONL records keyed by ``id``) supplies the text of deleted samples."""
-    from .records import RecordError, load_records, load_sample_ids
+    from ..records import RecordError, load_records, load_sample_ids
 
     recs: dict[str, dict] = {}
     ids: list[str] | None = None
@@ -540,7 +540,7 @@ def _abbrev(xs: Sequence[str], n: int = 8) -> str:
 
 def _members(run, ids: Sequence[str], given: Mapping[str, dict]) -> tuple[dict, dict, list[str]]:
     """{id: (shard, slice)}, {id: record} and the ids that are deleted; AuditError on anything wrong."""
-    from .run import DATASET, HELDOUT
+    from ..run import DATASET, HELDOUT
 
     with run.ledger() as led:
         cells = led.cells_known(DATASET, ids)
@@ -560,7 +560,7 @@ def _members(run, ids: Sequence[str], given: Mapping[str, dict]) -> tuple[dict, 
         if wrong:
             raise AuditError(f"the record(s) given for deleted sample(s) {_abbrev(wrong)} are not the deleted "
                              "records (their keyed hash differs from the ledger's tombstone)")
-        from .records import _normalise_fields, validate_record
+        from ..records import _normalise_fields, validate_record
 
         # the text as the ledger held it (and training saw it): normalised like every registered record
         records = {i: _normalise_fields(validate_record(dict(given[i]), f"record {i!r}")) for i in deleted}
@@ -578,8 +578,8 @@ def _live(routing: Mapping) -> list[int]:
 def _route(ids: Sequence[str], cells: Mapping, records: Mapping, routing: Mapping, template: str) -> dict:
     """{shard: [ids]}: each sample to its own shard's current adapter; a dead shard's samples to the live shard
     the gateway routes their prompt to (what serves them now)."""
-    from .prompts import render_prompt
-    from .serving import route_shard
+    from ..prompts import render_prompt
+    from ..serving import route_shard
 
     live = _live(routing)
     out: dict[int, list[str]] = {s: [] for s in live}
@@ -594,7 +594,7 @@ def _route(ids: Sequence[str], cells: Mapping, records: Mapping, routing: Mappin
 def _load_served_model(run, shard: int):
     """Base + the shard's currently desired prefix adapter, built from the block store (read-only; no adapter is
     materialised), in float32."""
-    from .unlearn import load_adapter_model, served_adapter
+    from ..unlearn import load_adapter_model, served_adapter
 
     a = served_adapter(run, shard)
     model, _ = load_adapter_model(run, a["tensors"], a["layers"], precision="fp32")
@@ -602,7 +602,7 @@ def _load_served_model(run, shard: int):
 
 
 def _load_base(run):
-    from .models import load_base
+    from ..models import load_base
 
     model, _ = load_base(run.model_path, "fp32", for_training=False)
     return model.eval()
@@ -623,7 +623,7 @@ def audit_run(run_dir: str | Path, ids: Sequence[str], records: Mapping[str, dic
     quality. Every check runs before any model is loaded."""
     import torch  # noqa: F401  (fail early, before the checks print anything, if torch is missing)
 
-    from .run import Run
+    from ..run import Run
 
     say = echo or (lambda m: None)
     run = Run.open(run_dir)
@@ -652,7 +652,7 @@ def audit_run(run_dir: str | Path, ids: Sequence[str], records: Mapping[str, dic
         orouting = orun.desired_routing()
         if not _live(orouting):
             raise AuditError(f"oracle {oracle} has no live shard")
-        from .unlearn import served_adapter
+        from ..unlearn import served_adapter
 
         saw = set()
         for s in _live(orouting):
@@ -661,7 +661,7 @@ def audit_run(run_dir: str | Path, ids: Sequence[str], records: Mapping[str, dic
             raise AuditError(f"oracle {oracle} is not an oracle: its served adapters were trained on audited "
                              f"sample(s) {_abbrev(sorted(saw))}")
         with orun.ledger() as led:
-            from .run import DATASET
+            from ..run import DATASET
 
             ocells = led.cells_known(DATASET, ids)
 
