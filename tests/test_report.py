@@ -67,3 +67,25 @@ def test_plot_draws_every_point_with_its_error_bar(tmp_path, monkeypatch):
     acc, loss = drawn  # one call per quality panel: the accuracy, then the loss
     assert acc == ("S3T", [0, 2], pytest.approx([60.0, 55.0]), pytest.approx([5.0, 0.0]))  # nan stderr: no bar
     assert loss == ("S3T", [0, 2], pytest.approx([2.0, 2.2]), pytest.approx([0.1, 0.0]))
+
+
+def test_the_demo_report_shows_standard_errors_and_the_shards_that_are_gone(tmp_path):
+    from types import SimpleNamespace
+
+    from s3t_llm.demo import write_report
+
+    run = SimpleNamespace(dir=tmp_path, shards=2, sequences=[[0, 1]], model_path="/base",
+                          config=SimpleNamespace(name="r", s3t=SimpleNamespace(slices=2)))
+    live = {"requests": 0, "depths": [2, 2],
+            "tasks": {"arc": {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.5, "n": 40, "per_shard": {},
+                              "base_acc": 0.4, "base_acc_stderr": 0.04}},
+            "heldout": {"n": 8, "per_shard": {"shard0": 2.0}, "mean": 2.0, "mean_stderr": 0.1, "base": 3.0,
+                        "base_stderr": 0.2}}
+    dead = {"requests": 1, "depths": [0, 0], "tasks": {}, "note": "no live shard",
+            "heldout": {"n": 8, "per_shard": {}, "mean": None, "mean_stderr": None, "base": 3.0, "base_stderr": 0.2}}
+    out = write_report(run, [live, dead])
+    md = (out / "report.md").read_text()
+    assert "| 0 | [2, 2] | 50.0 ± 5.0 (40.0 ± 4.0) | 2.0000 ± 0.1000 (3.0000 ± 0.2000) |" in md
+    assert "| 1 | [0, 0] | n/a | n/a (no live shard) |" in md
+    assert (out / "quality_vs_deletions.png").stat().st_size > 5000
+    assert len((out / "deletion_stream.jsonl").read_text().splitlines()) == 2
