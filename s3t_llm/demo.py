@@ -127,8 +127,10 @@ def _evaluate(run, url: str, base_url: str | None, step: int, limit: int, base: 
                           cache=cache)
     if base:
         for t, v in base["tasks"].items():
-            res["tasks"].setdefault(t, {}).update({k: v[k] for k in ("base_acc", "base_acc_norm") if k in v})
+            carried = ("base_acc", "base_acc_norm", "base_acc_stderr")
+            res["tasks"].setdefault(t, {}).update({k: v[k] for k in carried if k in v})
         res["heldout"]["base"] = base["heldout"].get("base")
+        res["heldout"]["base_stderr"] = base["heldout"].get("base_stderr")
     res["requests"] = step
     res["seconds"] = round(time.perf_counter() - t0, 1)
     scores = ", ".join(f"{t} {100 * v['acc']:.1f}% (base {100 * v['base_acc']:.1f}%)"
