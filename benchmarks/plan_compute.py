@@ -65,42 +65,50 @@ def make_parser() -> argparse.ArgumentParser:
 
 # ----- analytic ------------------------------------------------------------------------------------
 def cache_cost(m: int, L: int, B: int, N: int = 30, n: int = 30, epochs: float = 1.0, method: str = "cyclic",
-               head: float = 0.0) -> dict:
+               head: float = 0.0, order: str = "top_down") -> dict:
     """Per-token cost in layer-passes (one layer's forward = 1; the input-gradient backward through a layer = 1),
-    summed over the shared stage plan, in slice units (x the samples of a cell), top-down blocks:
+    summed over the shared stage plan, in slice units (x the samples of a cell), blocks split in ``order``
+    (``s3t.block_order``) over the top ``n`` of ``N`` layers; ``lo_k`` = block k's lowest layer:
 
-    * uncached stage k: epochs x k slices x (N + d_k): forward through all N layers, backward down to block k's
-      bottom (d_k = LoRA layers from the top down to block k's bottom);
-    * cached stage k (boundary lo_k = N - d_k > 0): epochs x k slices x 2 d_k (only the layers from the boundary
-      up run, forward and backward), plus the fill: each sample forwarded once through the layers below the
-      highest boundary it is needed at (the lower boundaries are captured on the way), independent of epochs.
-      That is what ``ActivationCache.prepare`` does (per (shard, slice) cell, in the cell's canonical batches of
+    * uncached stage k: epochs x k slices x (N + N - lo_k): forward through all N layers, backward down to
+      block k's bottom;
+    * cached stage k (``lo_k > 0``): epochs x k slices x 2 (N - lo_k) (only the layers from the boundary up run,
+      forward and backward), plus the fill, independent of epochs. Top-down (only zero blocks below the
+      boundary): each sample forwarded once through the layers below the highest boundary it is needed at (the
+      lower boundaries are captured on the way). Bottom-up (the trained blocks 1..k-1 below): each sample of the
+      stage's slices forwarded through lo_k layers once per parent prefix (siblings in the stage tree share it).
+      That is what ``ActivationCache.prepare`` does (per cell, in the cell's canonical batches of
       ``train.batch_size``; the right padding of those batches is not counted, as it is not for training).
 
     ``head``: the LM head's cost in layer units (forward, and the same again for its input-gradient backward), paid
     by both paths (SmolLM2-135M: vocab 49152 x 576 against ~3.5M weights a layer, about 8).
     """
+    from s3t_llm.activation_cache import boundary, lower_blocks
     from s3t_llm.planner import plan_sequences
     from s3t_llm.run import split_blocks
     from s3t_llm.training import stage_plan
 
     seqs = plan_sequences(L, B, method=method, seed=0)
     plan = stage_plan(types.SimpleNamespace(shards=m, sequences=[list(q) for q in seqs]))
-    blocks = split_blocks(list(range(N - n, N)), L)
-    d = [sum(len(b) for b in blocks[:k]) for k in range(1, L + 1)]
+    blocks = split_blocks(list(range(N - n, N)), L, order)
     unc = cac = 0.0
-    need: dict[tuple[int, int], int] = {}  # (shard, slice) -> highest boundary layer needed
+    need: dict[tuple[int, int], int] = {}  # (shard, slice) -> highest base boundary layer needed
+    fills: dict[tuple, int] = {}  # (shard, parent prefix, slice) -> boundary, for entries through trained blocks
     for s, p in plan:
         k = len(p)
-        lo = N - d[k - 1]
-        unc += epochs * k * (N + d[k - 1] + 2 * head)
-        if lo > 0:
-            cac += epochs * k * (2 * d[k - 1] + 2 * head)
+        lo = min(blocks[k - 1])
+        up = N - lo
+        unc += epochs * k * (N + up + 2 * head)
+        if boundary(blocks, k) is not None:
+            cac += epochs * k * (2 * up + 2 * head)
             for sl in p:
-                need[(s, sl)] = max(need.get((s, sl), 0), lo)
+                if lower_blocks(blocks, k):
+                    fills[(s, tuple(p[:-1]), sl)] = lo
+                else:
+                    need[(s, sl)] = max(need.get((s, sl), 0), lo)
         else:
-            cac += epochs * k * (N + d[k - 1] + 2 * head)
-    fill = float(sum(need.values()))
+            cac += epochs * k * (N + up + 2 * head)
+    fill = float(sum(need.values()) + sum(fills.values()))
     return {"uncached": unc, "cached": cac + fill, "fill": fill, "train_cached": cac}
 
 
@@ -148,7 +156,8 @@ def analytic_table(plans, method: str, N: int, n: int) -> tuple[str, list[dict]]
 
 
 def cache_table(plans, method: str, layouts: list[tuple[int, int]]) -> str:
-    """The activation cache's modelled saving (``cache_cost``) per plan and (N, n) layout, 1 and 3 epochs."""
+    """The activation cache's and the block order's modelled cost (``cache_cost``) per plan and (N, n) layout, 1
+    and 3 epochs; speed-ups against top-down uncached of the same plan and epochs."""
     from s3t_llm.planner import PlanError
 
     rows = []
@@ -157,13 +166,18 @@ def cache_table(plans, method: str, layouts: list[tuple[int, int]]) -> str:
             if L > n:
                 continue
             try:
-                c1, c3 = (cache_cost(m, L, B, N, n, e, method) for e in (1, 3))
+                cs = {(o, e): cache_cost(m, L, B, N, n, e, method, order=o)
+                      for o in ("top_down", "bottom_up") for e in (1, 3)}
             except PlanError:
                 continue
-            rows.append([m, L, B, N, n, f"{c1['uncached']:.0f}", f"{c1['cached']:.0f} (fill {c1['fill']:.0f})",
-                         f"{c1['uncached'] / c1['cached']:.2f}x", f"{c3['uncached'] / c3['cached']:.2f}x"])
-    return C.md_table(["m", "L", "B", "N layers", "n LoRA layers", "uncached, 1 epoch", "cached, 1 epoch",
-                       "saving, 1 epoch", "saving, 3 epochs"], rows)
+            td1, td3 = cs[("top_down", 1)]["uncached"], cs[("top_down", 3)]["uncached"]
+            for o in ("top_down", "bottom_up"):
+                c1, c3 = cs[(o, 1)], cs[(o, 3)]
+                rows.append([m, L, B, N, n, o, f"{c1['uncached']:.0f}", f"{c1['cached']:.0f} (fill {c1['fill']:.0f})",
+                             f"{td1 / c1['uncached']:.2f}x / {td1 / c1['cached']:.2f}x",
+                             f"{td3 / c3['uncached']:.2f}x / {td3 / c3['cached']:.2f}x"])
+    return C.md_table(["m", "L", "B", "N layers", "n LoRA layers", "block order", "uncached, 1 epoch",
+                       "cached, 1 epoch", "speed-up uncached / cached, 1 epoch", "same, 3 epochs"], rows)
 
 
 # ----- measured ------------------------------------------------------------------------------------
@@ -269,11 +283,12 @@ def main(argv=None) -> int:
         "input-gradient backward down to block k; embeddings, LM head and LoRA weight gradients ignored): early "
         "stages are cheaper per token than a full fine-tune, later ones as dear.", "",
         table, "",
-        "## Activation cache (top-down blocks, `train.cache_activations`)", "",
+        "## Activation cache and block order (`train.cache_activations`, `s3t.block_order`)", "",
         "`cache_cost`: layer-passes per token (forward 1, input-gradient backward 1 per layer) summed over the "
-        "shared plan. Uncached stage k: N + d_k. Cached (block k's bottom above layer 0): 2 d_k, plus one fill per "
-        "sample through the layers below the highest boundary it is needed at (lower boundaries captured on the "
-        "way; paid once, not per epoch). Embeddings and the LM head are ignored, so on a small model with a large "
+        "shared plan. Uncached stage k: N + (N - lo_k), lo_k = block k's lowest layer. Cached (lo_k > 0): "
+        "2 (N - lo_k), plus the fill, paid once, not per epoch: top-down, one forward per sample through the layers "
+        "below the highest boundary it is needed at (lower boundaries captured on the way); bottom-up, one forward "
+        "of each stage's samples through lo_k layers per parent prefix. Speed-ups are against top-down uncached. Embeddings and the LM head are ignored, so on a small model with a large "
         "vocabulary (SmolLM2: the LM head costs about 8 layers) the measured saving is lower.", "",
         cache_table(plans, args.method, [(args.num_layers, args.lora_layers), (30, 6)]),
     ]

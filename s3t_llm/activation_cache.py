@@ -44,6 +44,19 @@ computes inside a training batch (other batch-mates, other padded length: the ma
 shapes) by float rounding (relative ~1e-7 on SmolLM2), so a cached stage matches an uncached one to ~1e-6 in
 its losses, not bit for bit; cached runs reproduce each other bit for bit.
 
+Bottom-up blocks (``s3t.block_order: bottom_up``, block 1 nearest the input): below block k's lowest layer lie
+the trained, frozen blocks 1..k-1 (``lower_blocks``), so the state entering it is a function of the base, the
+token ids and those blocks' tensors. An entry then carries their digest in its cell (``block_digest``: sha256 of
+the loaded tensors, checked on every stage), is filled at that boundary only, in eval mode, and answers the
+stages that have exactly those blocks below (the stage itself over its epochs, and its siblings in the
+shared-prefix tree, which share the parent). In a bottom-up run the frozen blocks below the trained one run
+without LoRA dropout in both paths (they are fixed features; dropout there would only add input noise to the
+trained block and would make any cached state inexact); block k and the zero blocks above keep theirs. An
+explicit layout (``lora.blocks``) of a top-down run with a trained block with dropout below block k trains that
+stage uncached. Deletion: a deleted sample's slice hash changes, which clears the whole cache (see above), and
+every entry computed through a block carries that block's digest, so it can answer only while that exact block
+is loaded.
+
 LoRA dropout: the uncached forward draws a dropout mask for every LoRA module of the zero blocks below the
 boundary too. The cached path makes the same draws (``F.dropout`` on empty tensors of the same shapes, dtype
 and device, in forward order) before the upper layers run, so both paths consume the same random stream and
@@ -69,14 +82,41 @@ class _Captured(Exception):
 
 
 def boundary(blocks: list[list[int]], k: int) -> int | None:
-    """The layer from which stage ``k`` (1-based; block k trains, blocks > k are zero) can run on cached states:
-    block k's lowest layer ``lo``, provided every LoRA layer below ``lo`` is in a block > k. None when no layer
-    would be skipped (``lo == 0``) or the layout puts a trained (< k) block below block k."""
+    """The layer from which stage ``k`` (1-based; block k trains, blocks > k are zero, blocks < k are frozen)
+    can run on cached states: block k's lowest layer ``lo``; None when no layer would be skipped (``lo == 0``).
+    The state entering ``lo`` is a function of the base and of the blocks < k that have layers below ``lo``
+    (``lower_blocks``: none in a top-down layout, blocks 1..k-1 bottom-up), whose digest keys the entry."""
     lo = min(blocks[k - 1])
-    below = [b for b, layers in enumerate(blocks, start=1) for i in layers if i < lo]
-    if lo == 0 or any(b <= k for b in below):
-        return None
-    return lo
+    return None if lo == 0 else lo
+
+
+def base_boundary(blocks: list[list[int]], k: int) -> int | None:
+    """``boundary`` where the state entering it is the frozen base's alone (no block <= k below it): an entry
+    there is shared by every stage of the shard with that boundary, in every sequence and retraining."""
+    lo = boundary(blocks, k)
+    return None if lo is None or lower_blocks(blocks, k) else lo
+
+
+def lower_blocks(blocks: list[list[int]], k: int) -> list[int]:
+    """The blocks < k (trained and frozen at stage k) with a layer below block k's lowest layer."""
+    lo = min(blocks[k - 1])
+    return [b for b in range(1, k) if min(blocks[b - 1]) < lo]
+
+
+def block_digest(block_params: dict, bs: list[int]) -> str:
+    """sha256 over the named tensors of blocks ``bs`` as they are loaded now (dtype, shape and bytes, in
+    name order); "base" for no block. Keys an entry computed through trained blocks."""
+    import torch
+
+    if not bs:
+        return "base"
+    h = hashlib.sha256()
+    for b in sorted(bs):
+        for name, p in sorted(block_params[b], key=lambda x: x[0]):
+            t = p.detach().to("cpu").contiguous()
+            h.update(f"{b}|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def highest_boundary(blocks: list[list[int]], sequences, sl: int, layer: int | None = None) -> int | None:
@@ -84,7 +124,7 @@ def highest_boundary(blocks: list[list[int]], sequences, sl: int, layer: int | N
     at position p of a sequence is in the prefix of stages p+1..L), at least ``layer``. A cost hint for the
     fill (how far up to forward a cell once); it never changes an entry's value."""
     tops = [x for seq in sequences for p, s in enumerate(seq) if int(s) == int(sl)
-            for x in (boundary(blocks, k) for k in range(p + 1, len(blocks) + 1)) if x is not None]
+            for x in (base_boundary(blocks, k) for k in range(p + 1, len(blocks) + 1)) if x is not None]
     if layer is not None:
         tops.append(layer)
     return max(tops) if tops else None
@@ -325,11 +365,12 @@ def _hidden_dtype(inner):
 
 
 def check_zero(block_params: dict, k: int, blocks: list[list[int]], lo: int) -> None:
-    """Every LoRA tensor of a block with layers below ``lo`` must be a block > k whose B matrices are zero."""
+    """Below ``lo``, every LoRA tensor must be of a block > k whose B matrices are zero, or of a block < k
+    (trained, frozen, part of the entries' key: ``block_digest``); block k itself never lies below ``lo``."""
     for b, params in block_params.items():
-        if min(blocks[b - 1]) >= lo:
+        if min(blocks[b - 1]) >= lo or b < k:
             continue
-        if b <= k:
+        if b == k:
             raise RuntimeError(f"activation cache: block {b} lies below the boundary layer {lo} of stage {k}")
         for name, p in params:
             if "lora_B" in name and bool(p.detach().abs().sum() != 0):

@@ -109,7 +109,7 @@ def cmd_status(args) -> int:
     print(f"run {run.config.name}: base {run.model_path}")
     print(f"  {info.n_samples} samples ({info.n_live} live), m={run.shards} shards x L={run.config.s3t.slices} slices, "
           f"B={len(run.sequences)} sequences {run.sequences}")
-    print(f"  blocks (top-down layers): {run.blocks}")
+    print(f"  blocks ({run.block_order}, block 1 first): {run.blocks}")
     best = run.best_prefixes()
     for s in range(run.shards):
         qi, depth = best[s]

@@ -49,6 +49,12 @@ class S3TConfig:
     # Deletion prior over slices (length = slices), needed by method "bms".
     prior: list[float] | None = None
     seed: int = 0
+    # Which end of the LoRA layers block 1 sits at (the even split; ``lora.blocks`` gives a layout explicitly):
+    # "top_down": block 1 nearest the output, stage k's frozen part below it is the base (the first design);
+    # "bottom_up": block 1 nearest the input, stage k trains block k above the frozen, trained blocks 1..k-1,
+    # which then run without LoRA dropout (see s3t_llm/activation_cache.py). Exactness is the same either way
+    # (base + blocks 1..k never saw slices k+1..L). A run keeps the order it was created with (run.json).
+    block_order: Literal["top_down", "bottom_up"] = "top_down"
 
 
 @dataclass
@@ -60,7 +66,7 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     # Which decoder layers carry LoRA: "all", or the top N layers (an int).
     layers: str | int = "all"
-    # Explicit block layout (block 1 first, nearest the output), overriding the even top-down split.
+    # Explicit block layout (block 1 first), overriding the even split of s3t.block_order.
     blocks: list[list[int]] | None = None
 
 

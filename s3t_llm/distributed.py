@@ -195,6 +195,7 @@ class _WorkerRun:
 
     model_path = property(lambda self: self.info["model_path"])
     blocks = property(lambda self: self.info["blocks"])
+    block_order = property(lambda self: self.info.get("block_order", "top_down"))
     sequences = property(lambda self: [list(s) for s in self.info["sequences"]])
     shards = property(lambda self: self.config.s3t.shards)
 

@@ -29,17 +29,23 @@ HELDOUT = "heldout"  # the run's held-out records: ledger samples too (deletable
 RUN_FILE = "run.json"
 
 
-def split_blocks(layers: list[int], n_blocks: int) -> list[list[int]]:
-    """Split LoRA layers into ``n_blocks`` contiguous blocks, top-down: block 1 is nearest the output."""
+BLOCK_ORDERS = ("top_down", "bottom_up")
+
+
+def split_blocks(layers: list[int], n_blocks: int, order: str = "top_down") -> list[list[int]]:
+    """Split LoRA layers into ``n_blocks`` contiguous blocks. ``top_down``: block 1 is nearest the output;
+    ``bottom_up``: block 1 is nearest the input. Blocks 1..r (r = layers mod n_blocks) get one layer more."""
+    if order not in BLOCK_ORDERS:
+        raise ConfigError(f"s3t.block_order={order!r}: expected one of {', '.join(BLOCK_ORDERS)}")
     if n_blocks > len(layers):
         raise ConfigError(f"s3t.slices={n_blocks} is larger than the {len(layers)} LoRA layers; "
                           "each slice needs its own block of at least one layer")
-    top_down = sorted(layers, reverse=True)
-    q, r = divmod(len(top_down), n_blocks)
+    ordered = sorted(layers, reverse=(order == "top_down"))
+    q, r = divmod(len(ordered), n_blocks)
     out, i = [], 0
     for b in range(n_blocks):
         n = q + (1 if b < r else 0)
-        out.append(sorted(top_down[i:i + n]))
+        out.append(sorted(ordered[i:i + n]))
         i += n
     return out
 
@@ -47,6 +53,9 @@ def split_blocks(layers: list[int], n_blocks: int) -> list[list[int]]:
 def block_layout(cfg: RunConfig, num_layers: int) -> list[list[int]]:
     L = cfg.s3t.slices
     if cfg.lora.blocks is not None:
+        if cfg.s3t.block_order != "top_down":
+            raise ConfigError(f"lora.blocks gives the block layout explicitly, so s3t.block_order="
+                              f"{cfg.s3t.block_order!r} has nothing to order; set one of the two")
         blocks = [list(b) for b in cfg.lora.blocks]
         if len(blocks) != L:
             raise ConfigError(f"lora.blocks has {len(blocks)} blocks but s3t.slices={L}")
@@ -60,7 +69,7 @@ def block_layout(cfg: RunConfig, num_layers: int) -> list[list[int]]:
     n = num_layers if cfg.lora.layers == "all" else int(cfg.lora.layers)
     if n > num_layers:
         raise ConfigError(f"lora.layers={n} but the model has {num_layers} layers")
-    return split_blocks(list(range(num_layers - n, num_layers)), L)
+    return split_blocks(list(range(num_layers - n, num_layers)), L, cfg.s3t.block_order)
 
 
 def load_training_records(cfg: RunConfig) -> tuple[list[dict], list[dict], str]:
@@ -118,6 +127,11 @@ class Run:
     @property
     def blocks(self) -> list[list[int]]:
         return self.info["blocks"]
+
+    @property
+    def block_order(self) -> str:
+        """"top_down", "bottom_up" or "explicit" (``lora.blocks``); runs from before the field: top_down."""
+        return self.info.get("block_order", "top_down")
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -192,13 +206,16 @@ class Run:
         s = cfg.s3t
         seqs = [list(x) for x in plan_sequences(s.slices, s.budget, method=s.method, prior=s.prior, seed=s.seed)]
         info = {"config": cfg.to_dict(), "model_path": model_path, "base_fingerprint": fingerprint(model_path),
-                "num_layers": num_layers, "blocks": blocks, "sequences": seqs, "dataset": DATASET}
+                "num_layers": num_layers, "blocks": blocks, "sequences": seqs, "dataset": DATASET,
+                "block_order": cfg.s3t.block_order if cfg.lora.blocks is None else "explicit"}
         f = d / RUN_FILE
         if f.exists():
             old = json.loads(f.read_text())
             frozen = ("base_fingerprint", "blocks", "sequences")
             changed = [k for k in frozen if old.get(k) != info[k]]
             oc, nc = old["config"], info["config"]
+            # A run.json from before s3t.block_order existed was laid out top-down.
+            oc = {**oc, "s3t": {"block_order": "top_down", **oc.get("s3t", {})}}
             for sec in ("s3t", "lora", "data", "model"):
                 if oc.get(sec) != nc.get(sec):
                     changed.append(sec)

@@ -8,8 +8,9 @@ it cannot depend on later slices, and a resumed run reproduces it.
 
 Each sample is tokenised once per ``StageTrainer`` (TRL's own preparation code, run once on the samples not yet
 seen; the stages' trainers get the token ids with ``skip_prepare_dataset``), and with
-``train.cache_activations`` a stage whose block has only zero blocks below it runs from cached hidden states of
-the frozen base (``s3t_llm.activation_cache``). Both caches live in memory, keyed by content, and die with the
+``train.cache_activations`` a stage runs from cached hidden states entering its block's lowest layer
+(``s3t_llm.activation_cache``): the frozen base's when only zero blocks lie below (top-down), the base's through
+the frozen blocks 1..k-1 when they lie below (``s3t.block_order: bottom_up``; keyed by their digest). Both caches live in memory, keyed by content, and die with the
 trainer (``train_run`` drops them when it returns and whenever the ledger's slice hashes change).
 """
 
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 from . import exactness
-from .activation_cache import ActivationCache, boundary, cached_forward, check_zero
+from .activation_cache import (ActivationCache, base_boundary, block_digest, boundary, cached_forward, check_zero,
+                               highest_boundary, lower_blocks, zero_top)
 from .adapters import layer_of
 from .prompts import to_example
 from .locking import hold
@@ -334,12 +336,13 @@ class StageTrainer:
         return [self._tokens[key] for key in keys]
 
     def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str, cache_layer: int | None = None,
-             cache_groups: list | None = None):
+             cache_groups: list | None = None, cache_also: tuple[int, ...] = ()):
         """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
         with the trainer. ``cache_layer``: run the decoder from that layer up on cached hidden states (the
         caller has checked that everything below it is the frozen base); ``cache_groups``: with it,
         ``[(cell, number of examples, fill-to layer)]``, ``examples`` cut into its slices (cell = (shard, slice,
-        slice hash)), in order: the cache fills each slice in its own canonical batches. Returns (train output,
+        slice hash[, digest of the frozen blocks below])), in order: the cache fills each slice in its own
+        canonical batches; ``cache_also``: other stages' base boundaries to capture on the way. Returns (train output,
         examples used, tokens per epoch, seconds of ``train()``); timings in ``self.last_fit``."""
         import datasets
         from datasets import Dataset
@@ -370,8 +373,6 @@ class StageTrainer:
         used_layer = None
         if cache_layer is not None and self.act_cache is not None:
             t0 = time.perf_counter()
-            others = tuple(x for x in (boundary(self.run.blocks, j) for j in range(1, len(self.run.blocks) + 1))
-                           if x is not None)
             if cache_groups is None or sum(n for _, n, _ in cache_groups) != len(examples):
                 raise ValueError("a cached stage needs its examples grouped by slice (cache_groups)")
             toks = self.tokenize(examples)  # the same token ids the dataset holds (looked up, not recomputed)
@@ -385,7 +386,7 @@ class StageTrainer:
             pad_id = getattr(trainer.data_collator, "pad_token_id", None)
             if pad_id is None:
                 pad_id = self.tokenizer.pad_token_id
-            if self.act_cache.prepare(self.model, cache_layer, groups, also=others, batch_size=cfg.train.batch_size,
+            if self.act_cache.prepare(self.model, cache_layer, groups, also=cache_also, batch_size=cfg.train.batch_size,
                                       pad_id=int(pad_id or 0), fill_to=fill_to):
                 used_layer = cache_layer
                 ctx = cached_forward(self.model, self.act_cache, cache_layer, self.lora_modules, self.run.blocks,
@@ -469,25 +470,54 @@ class StageTrainer:
                 p.requires_grad_(b == k)
         frozen_before = {n: p.detach().clone() for b, ps in self.block_params.items() if b != k for n, p in ps}
 
-        cache_layer, cache_groups = None, None
+        # Bottom-up: the trained blocks below block k are fixed features at stage k and run without LoRA dropout
+        # (in the cached and the uncached path alike; see s3t_llm/activation_cache.py). Top-down runs keep the
+        # dropout of their frozen blocks (all above the trained one), as they were trained.
+        lower = lower_blocks(run.blocks, k)
+        no_dropout = lower if getattr(run, "block_order", "top_down") == "bottom_up" else []
+        cache_layer, cache_groups, cache_also = None, None, ()
         if self.act_cache is not None:
             cache_layer = boundary(run.blocks, k)
+            live = [n for b in lower if b not in no_dropout for n, m in self.lora_modules[b]
+                    if getattr(m.lora_dropout["default"], "p", 0.0) > 0]
+            if cache_layer is not None and live:
+                # A trained block below the boundary whose dropout is active in training (an explicit layout of
+                # a top-down run): its output is random per step, so no cached state can stand for it.
+                logger.info("shard %d prefix %s: trained blocks with LoRA dropout lie below block %d; training "
+                            "it uncached", shard, prefix, k)
+                cache_layer = None
             if cache_layer is not None:
-                from .activation_cache import highest_boundary, zero_top
-
-                check_zero(self.block_params, k, run.blocks, cache_layer)  # below it: only zero blocks
-                # Each slice is filled once, up to the highest boundary the plan needs it at, but never above a
-                # layer with a non-zero LoRA block below it (read from the tensors now); a cost hint only.
-                ztop = zero_top(self.block_params, run.blocks)
-                cache_groups = [((shard, sl, hashes[str(sl)]), n,
-                                 max(cache_layer, min(ztop, highest_boundary(run.blocks, run.sequences, sl,
-                                                                             cache_layer))))
-                                for sl, n in counts]
+                check_zero(self.block_params, k, run.blocks, cache_layer)  # below it: zero or frozen lower blocks
+                if lower:
+                    # Entries computed through the frozen blocks 1..k-1: keyed by their digest, filled at the
+                    # boundary only (no other stage's boundary has the same blocks below it).
+                    digest = block_digest(self.block_params, lower)
+                    cache_groups = [((shard, sl, hashes[str(sl)], digest), n, cache_layer) for sl, n in counts]
+                else:
+                    # Each slice is filled once, up to the highest boundary the plan needs it at, but never above
+                    # a layer with a non-zero LoRA block below it (read from the tensors now); a cost hint only.
+                    ztop = zero_top(self.block_params, run.blocks)
+                    cache_groups = [((shard, sl, hashes[str(sl)]), n,
+                                     max(cache_layer, min(ztop, highest_boundary(run.blocks, run.sequences, sl,
+                                                                                 cache_layer))))
+                                    for sl, n in counts]
+                    cache_also = tuple(x for x in (base_boundary(run.blocks, j)
+                                                   for j in range(1, len(run.blocks) + 1)) if x is not None)
         tmp = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=run.dir))
+        saved_dropout = []
         try:
+            import torch.nn as nn
+
+            for b in no_dropout:
+                for _, mod in self.lora_modules[b]:
+                    saved_dropout.append((mod, mod.lora_dropout["default"]))
+                    mod.lora_dropout["default"] = nn.Identity()
             out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}",
-                                                       cache_layer=cache_layer, cache_groups=cache_groups)
+                                                       cache_layer=cache_layer, cache_groups=cache_groups,
+                                                       cache_also=cache_also)
         finally:
+            for mod, drop in saved_dropout:
+                mod.lora_dropout["default"] = drop
             shutil.rmtree(tmp, ignore_errors=True)
 
         if verify_frozen:

@@ -6,9 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from s3t_llm.activation_cache import ActivationCache, boundary, highest_boundary, token_key  # noqa: E402
-from s3t_llm.config import load_config  # noqa: E402
-from s3t_llm.run import DATASET, Run  # noqa: E402
+from s3t_llm.activation_cache import (ActivationCache, base_boundary, block_digest, boundary,  # noqa: E402
+                                      highest_boundary, lower_blocks, token_key)
+from s3t_llm.config import ConfigError, load_config  # noqa: E402
+from s3t_llm.run import DATASET, Run, split_blocks  # noqa: E402
 from s3t_llm.training import StageTrainer, train_run  # noqa: E402
 
 # Losses: the cached path starts the upper layers from per-sample states that differ from the in-batch ones by
@@ -61,14 +62,23 @@ def block_rel(a, b):
     return max(float((a[n] - b[n]).norm() / (b[n].norm() + 1e-12)) for n in b)
 
 
-def test_boundary_is_block_ks_bottom_when_only_zero_blocks_lie_below():
+def test_boundary_is_block_ks_bottom_and_the_trained_blocks_below_it_key_the_entries():
     top_down = [[26, 27, 28, 29], [22, 23, 24, 25], [18, 19, 20, 21]]
+    assert split_blocks(list(range(18, 30)), 3) == top_down
     assert [boundary(top_down, k) for k in (1, 2, 3)] == [26, 22, 18]
+    assert [base_boundary(top_down, k) for k in (1, 2, 3)] == [26, 22, 18]  # only zero blocks below
+    assert [lower_blocks(top_down, k) for k in (1, 2, 3)] == [[], [], []]
     all_layers = [[2, 3], [1], [0]]
     assert [boundary(all_layers, k) for k in (1, 2, 3)] == [2, 1, None]  # block 3 starts at layer 0: no saving
-    # A trained (< k) block below block k's bottom: that stage is never cached.
-    bottom_up = [[0, 1], [2, 3]]
-    assert boundary(bottom_up, 1) is None and boundary(bottom_up, 2) is None
+    # Bottom-up: block 1 nearest the input; the frozen blocks 1..k-1 lie below block k (the uneven layer goes
+    # to block 1, as top-down).
+    bottom_up = split_blocks(list(range(5)), 3, "bottom_up")
+    assert bottom_up == [[0, 1], [2, 3], [4]] and split_blocks(list(range(5)), 3) == [[3, 4], [1, 2], [0]]
+    assert [boundary(bottom_up, k) for k in (1, 2, 3)] == [None, 2, 4]
+    assert [lower_blocks(bottom_up, k) for k in (1, 2, 3)] == [[], [1], [1, 2]]
+    assert [base_boundary(bottom_up, k) for k in (1, 2, 3)] == [None, None, None]
+    with pytest.raises(ConfigError, match="block_order"):
+        split_blocks(list(range(5)), 3, "sideways")
 
 
 def test_highest_boundary_is_the_top_stage_a_slice_enters_the_plan_at():
@@ -269,3 +279,113 @@ def test_a_slices_entries_depend_on_nothing_outside_the_slice(tmp_path, tiny_lla
     # Stage (a) does not see slice b at all: the same block, bit for bit. Slice b's own entries: one fewer.
     assert m1[0]["sha256"] == m2[0]["sha256"]
     assert len(slice_entries(t1, 0, b)) == 2 * 8 and len(slice_entries(t2, 0, b)) == 2 * 7
+
+
+def bottom_up_cfg(tmp_path, model_dir, data_path, name, extra=()):
+    # 4 layers, LoRA on the top 3, bottom-up: blocks [[1], [2], [3]]; boundaries 1 (base below), 2 (block 1
+    # below), 3 (blocks 1, 2 below).
+    return make_cfg(tmp_path, model_dir, data_path, name, ["s3t.block_order=bottom_up", *extra])
+
+
+def test_bottom_up_cached_stages_match_uncached_and_entries_are_keyed_by_the_blocks_below(
+        tmp_path, tiny_llama, alpaca_sample, write_records):
+    data = write_records(alpaca_sample[:24])
+    ref = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bu-ref", ["lora.dropout=0.0"]))
+    on = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bu-on", ["lora.dropout=0.0",
+                                                                        "train.cache_activations=true"]))
+    assert on.blocks == [[1], [2], [3]] and on.block_order == "bottom_up"
+    _, logs_ref, mans_ref, blocks_ref = train_stages(ref, 3)
+    tr, logs_on, mans_on, blocks_on = train_stages(on, 3)
+    rel = assert_close_losses(logs_ref, logs_on)
+    assert [m["activation_cache_layer"] for m in mans_on] == [1, 2, 3]
+    for b in (1, 2, 3):
+        assert block_rel(blocks_on[b], blocks_ref[b]) <= BLOCK_RTOL
+        assert float(sum(p.abs().sum() for p in blocks_on[b].values())) > 0
+    # Entries: stage 1 at layer 1 (base below: a 3-part cell), stage 2 at layer 2 under block 1's digest,
+    # stage 3 at layer 3 under blocks 1-2's digest; nothing is shared across stages (each has other blocks below).
+    cells = {}
+    for (layer, cell, _) in tr.act_cache._entries:
+        cells.setdefault(layer, set()).add(cell[3] if len(cell) == 4 else "base")
+    d1, d12 = block_digest(tr.block_params, [1]), block_digest(tr.block_params, [1, 2])
+    assert cells == {1: {"base"}, 2: {d1}, 3: {d12}} and len({d1, d12, "base"}) == 3
+    assert tr.act_cache.stats["fills"] == 8 + 16 + 24 and len(tr.act_cache) == 48
+    # An entry at layer 2 is the state entering layer 2 of base + block 1 (computed here by a full forward in
+    # eval mode), and not the base's: the key's digest is what makes it answer only while block 1 is loaded.
+    seq = tuple(on.sequences[0])
+    examples, hashes, _, counts = tr.stage_examples(0, seq[:2], by_slice=True)
+    ids = tr.tokenize(examples[:1])[0][0]
+    entry = tr.act_cache.entry(2, (0, seq[0], hashes[str(seq[0])], d1), ids)
+    tr.set_stack(0, seq[:2], fresh_top=True)
+    assert block_digest(tr.block_params, [1]) == d1
+
+    def state_at_2():
+        from s3t_llm.activation_cache import _decoder
+
+        inner, box = _decoder(tr.model), {}
+
+        def grab(mod, args, kwargs):
+            box["h"] = args[0] if args else kwargs["hidden_states"]
+
+        h = inner.layers[2].register_forward_pre_hook(grab, with_kwargs=True)
+        tr.model.eval()
+        with torch.no_grad():
+            inner(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        h.remove()
+        return box["h"][0]
+
+    with_block1 = state_at_2()
+    assert float((entry - with_block1).abs().max()) <= 1e-5 * float(with_block1.abs().max())
+    with torch.no_grad():
+        for name, p in tr.block_params[1]:
+            if "lora_B" in name:
+                p.zero_()
+    base_only = state_at_2()
+    assert block_digest(tr.block_params, [1]) != d1
+    assert float((base_only - with_block1).abs().max()) > 1e3 * float((entry - with_block1).abs().max())
+    # Hits and fills give the same bits: a fresh trainer (empty cache) retrains stage 3 to the same digest.
+    cold = StageTrainer(on)
+    assert cold.train_stage(0, seq)["sha256"] == mans_on[2]["sha256"]
+    print(f"bottom-up: max loss rel diff {rel:.2e}; block rel diff (norm) "
+          f"{max(block_rel(blocks_on[b], blocks_ref[b]) for b in (1, 2, 3)):.2e}")
+
+
+def test_bottom_up_with_dropout_and_checkpointing_same_random_stream_and_no_dropout_below(
+        tmp_path, tiny_llama, alpaca_sample, write_records):
+    data = write_records(alpaca_sample[:24])
+    extra = ["lora.dropout=0.1", "train.gradient_checkpointing=true"]
+    ref = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bud-ref", extra))
+    on = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bud-on", [*extra, "train.cache_activations=true"]))
+    tr_ref, logs_ref, _, blocks_ref = train_stages(ref, 3)
+    _, logs_on, mans_on, blocks_on = train_stages(on, 3)
+    assert [m["activation_cache_layer"] for m in mans_on] == [1, 2, 3]
+    assert_close_losses(logs_ref, logs_on)
+    for b in (1, 2, 3):
+        assert block_rel(blocks_on[b], blocks_ref[b]) <= BLOCK_RTOL
+    # The frozen blocks' dropout was switched off for the stage only: the modules are back as configured.
+    assert all(getattr(m.lora_dropout["default"], "p", None) == 0.1 for ms in tr_ref.lora_modules.values()
+               for _, m in ms)
+
+
+def test_block_order_is_recorded_and_an_explicit_layout_excludes_it(tmp_path, tiny_llama, alpaca_sample,
+                                                                    write_records):
+    import json
+
+    data = write_records(alpaca_sample[:12])
+    with pytest.raises(ConfigError, match="lora.blocks gives the block layout explicitly"):
+        Run.create(make_cfg(tmp_path, tiny_llama, data, "both", ["s3t.block_order=bottom_up",
+                                                                 "lora.blocks=[[1],[2],[3]]"]))
+    with pytest.raises(ConfigError, match="block_order"):
+        load_config(None, ["s3t.block_order=diagonal"])
+    run = Run.create(make_cfg(tmp_path, tiny_llama, data, "old"))
+    assert run.blocks == [[3], [2], [1]] and run.block_order == "top_down"
+    # A run.json written before s3t.block_order existed reopens unchanged (it was laid out top-down) ...
+    f = run.dir / "run.json"
+    info = json.loads(f.read_text())
+    info.pop("block_order")
+    info["config"]["s3t"].pop("block_order")
+    f.write_text(json.dumps(info))
+    again = Run.create(make_cfg(tmp_path, tiny_llama, data, "old"))
+    assert again.blocks == [[3], [2], [1]] and again.block_order == "top_down"
+    # ... and asking it for the other order is refused, naming what differs.
+    with pytest.raises(ConfigError, match="different blocks"):
+        Run.create(make_cfg(tmp_path, tiny_llama, data, "old", ["s3t.block_order=bottom_up"]))
