@@ -2,7 +2,8 @@
 with the activation cache off and on, side by side in one run; cost and quality.
 
     python benchmarks/block_order.py                                # recipes/cpu_smollm2.yaml, lora.layers=all
-    python benchmarks/block_order.py --set train.epochs=3 --cache on --out benchmarks/results/block_order_3epochs.md
+    python benchmarks/block_order.py --set data.limit=24 --set train.epochs=3 --runs top_down:off,bottom_up:on \
+        --out benchmarks/results/block_order_3epochs.md
 
 Every run trains the same recipe (same data, seed, sequences) from scratch in this process, one after the other,
 through ``s3t_llm.training.train_run`` (what ``s3t train`` calls); only ``s3t.block_order`` and

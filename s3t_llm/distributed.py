@@ -180,6 +180,14 @@ class _WorkerStore:
         return {k: v.clone() for k, v in tensors.items()}
 
 
+def worker_info(run) -> dict:
+    """What a worker's ``_WorkerRun`` knows of the run: the parts of run.json that ``StageTrainer`` reads
+    (``block_order`` decides the frozen lower blocks' dropout; a run.json from before it reads as top-down)."""
+    info = {k: run.info[k] for k in ("config", "model_path", "base_fingerprint", "num_layers", "blocks", "sequences")}
+    info["block_order"] = run.block_order
+    return info
+
+
 class _WorkerRun:
     """The parts of :class:`~s3t_llm.run.Run` that ``StageTrainer`` reads, from what the driver sent."""
 
@@ -518,8 +526,7 @@ def _drive(run: Run, *, shards, sequences, precision, progress, threads, gpus_pe
         raise RuntimeError(f"a stage reserves {threads} CPU(s) (--ray-threads / ray.threads) but the Ray cluster has "
                            f"{res.get('CPU', 0):g}")
     prog = _progress_actor()
-    spec = {"info": {k: run.info[k] for k in ("config", "model_path", "base_fingerprint", "num_layers", "blocks",
-                                              "sequences")},
+    spec = {"info": worker_info(run),
             "precision": precision, "threads": int(threads), "forbid": [str(run.dir.resolve())],
             "progress": prog, "hook": hook}
     spec_ref = ray.put(spec)

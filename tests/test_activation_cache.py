@@ -356,14 +356,14 @@ def test_bottom_up_with_dropout_and_checkpointing_same_random_stream_and_no_drop
     ref = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bud-ref", extra))
     on = Run.create(bottom_up_cfg(tmp_path, tiny_llama, data, "bud-on", [*extra, "train.cache_activations=true"]))
     tr_ref, logs_ref, _, blocks_ref = train_stages(ref, 3)
-    _, logs_on, mans_on, blocks_on = train_stages(on, 3)
+    tr_on, logs_on, mans_on, blocks_on = train_stages(on, 3)
     assert [m["activation_cache_layer"] for m in mans_on] == [1, 2, 3]
     assert_close_losses(logs_ref, logs_on)
     for b in (1, 2, 3):
         assert block_rel(blocks_on[b], blocks_ref[b]) <= BLOCK_RTOL
     # The frozen blocks' dropout was switched off for the stage only: the modules are back as configured.
-    assert all(getattr(m.lora_dropout["default"], "p", None) == 0.1 for ms in tr_ref.lora_modules.values()
-               for _, m in ms)
+    assert all(getattr(m.lora_dropout["default"], "p", None) == 0.1 for tr in (tr_ref, tr_on)
+               for ms in tr.lora_modules.values() for _, m in ms)
 
 
 def test_block_order_is_recorded_and_an_explicit_layout_excludes_it(tmp_path, tiny_llama, alpaca_sample,
@@ -376,6 +376,12 @@ def test_block_order_is_recorded_and_an_explicit_layout_excludes_it(tmp_path, ti
                                                                  "lora.blocks=[[1],[2],[3]]"]))
     with pytest.raises(ConfigError, match="block_order"):
         load_config(None, ["s3t.block_order=diagonal"])
+    from s3t_llm.distributed import _WorkerRun, worker_info
+
+    bu = Run.create(make_cfg(tmp_path, tiny_llama, data, "bu", ["s3t.block_order=bottom_up"]))
+    # A Ray worker learns the order from what the driver sends (it decides the frozen lower blocks' dropout).
+    wr = _WorkerRun(worker_info(bu), tmp_path)
+    assert wr.block_order == "bottom_up" and wr.blocks == [[1], [2], [3]]
     run = Run.create(make_cfg(tmp_path, tiny_llama, data, "old"))
     assert run.blocks == [[3], [2], [1]] and run.block_order == "top_down"
     # A run.json written before s3t.block_order existed reopens unchanged (it was laid out top-down) ...
