@@ -477,6 +477,8 @@ class _Flight:
         self.shard: int | None = None  # for the metrics (bounded labels: shard and depth, never a name)
         self.depth = 0
         self.stopped = threading.Event()  # set once this relay sends nothing more from its adapter
+        self.sent = 0  # events (or one whole answer) handed to the client's connection
+        self.last_sent: float | None = None  # wall time of the last of them
 
     def wake(self) -> None:
         try:
@@ -491,6 +493,14 @@ class _Flight:
             self.queue.put_nowait(_CUT)
 
 
+MAX_REPORTED_FLIGHTS = 64  # per cut report: enough to audit a switch, bounded under any load
+
+
+def _flight_record(f: "_Flight") -> dict:
+    """What a cut relay had sent, read after it stopped: the client's count must equal ``events_sent``."""
+    return {"request": f.id, "events_sent": f.sent, "last_event_at": f.last_sent, "committed": f.committed}
+
+
 def _merge_cuts(cuts: list[dict]) -> dict:
     """One cut report over the replicas (a single replica's is returned as is)."""
     if len(cuts) == 1:
@@ -499,7 +509,8 @@ def _merge_cuts(cuts: list[dict]) -> dict:
            "relays_stopped_seconds": max(c["relays_stopped_seconds"] for c in cuts),
            "relays_not_confirmed": sum(c["relays_not_confirmed"] for c in cuts),
            "engine_quiesced": all(c["engine_quiesced"] for c in cuts),
-           "engine_quiesce_seconds": max((c.get("engine_quiesce_seconds") or 0) for c in cuts)}
+           "engine_quiesce_seconds": max((c.get("engine_quiesce_seconds") or 0) for c in cuts),
+           "flights": [f for c in cuts for f in c.get("flights", [])][:MAX_REPORTED_FLIGHTS]}
     errors = [c["engine_error"] for c in cuts if "engine_error" in c]
     if errors:
         out["engine_error"] = "; ".join(errors)
@@ -786,7 +797,8 @@ class Gateway:
             logger.warning("vLLM did not confirm the abort of cut requests on %s: %s", names, q)
         return {"requests": len(victims), "relays_stopped_seconds": round(t_relays - t0, 4),
                 "relays_not_confirmed": len(late), "engine_quiesced": bool(q.get("ok")),
-                "engine_quiesce_seconds": q.get("seconds"), **({"engine_error": q["error"]} if "error" in q else {})}
+                "engine_quiesce_seconds": q.get("seconds"), **({"engine_error": q["error"]} if "error" in q else {}),
+                "flights": [_flight_record(f) for f in victims[:MAX_REPORTED_FLIGHTS]]}
 
     def _reset_prefix_cache(self, replica: Replica | None = None, tries: int = 1, gap: float = 0.05) -> dict:
         """vLLM refuses the reset while requests hold KV blocks: retry a few times, then keep retrying in the
@@ -1532,7 +1544,8 @@ class Gateway:
                     flight.stopped.set()
                     self._exit(target, flight)
 
-            headers = {"X-S3T-Adapter": target, "X-S3T-Shard": "" if shard is None else str(shard)}
+            headers = {"X-S3T-Adapter": target, "X-S3T-Shard": "" if shard is None else str(shard),
+                       "X-S3T-Request": flight.id}  # names this relay in a switch report's cut flights
             try:
                 content = json.dumps(dict(body, model=target)).encode()
             except (RecursionError, ValueError, TypeError):
@@ -1574,7 +1587,12 @@ class Gateway:
                 if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
                     self.metrics.generated(flight.shard, flight.depth, usage["completion_tokens"])
                 handed_off = True
-                return Relayed(payload, status_code=r.status_code, headers=headers, on_done=release)
+
+                def answered():  # after the whole answer was sent
+                    flight.sent, flight.last_sent = 1, time.time()
+                    release()
+
+                return Relayed(payload, status_code=r.status_code, headers=headers, on_done=answered)
             finally:
                 if not handed_off:
                     release()
@@ -1682,6 +1700,10 @@ class Gateway:
                     if item.startswith(b"data: {") and b'"error"' not in item[:64]:
                         self.metrics.generated(flight.shard, flight.depth, 1)
                     yield item
+                    # The send of ``item`` has completed: a switch that reads these after ``stopped`` sees every
+                    # event this client was given, none after (the audit of cut streams reads them).
+                    flight.sent += 1
+                    flight.last_sent = time.time()
                 # Cut: everything yielded so far has been handed to the client; nothing more from this adapter.
                 flight.stopped.set()
                 yield ("data: " + json.dumps(cut_error(flight)) + "\n\n").encode()
@@ -1820,7 +1842,8 @@ class Gateway:
                     "newly_deleted": len(cert["newly_deleted"]), "served_changes": cert["served_changes"],
                     "dead_shards": cert["dead_shards"], "deletion_to_effect_seconds": cert["deletion_to_effect_seconds"],
                     "certificate": str(Path(self.run.dir) / "certificates" / f"{cert['request_id']}.json"),
-                    "switch_report": cert["switch_report"]}
+                    "switch_report": cert["switch_report"],
+                    "acknowledged_at": time.time()}  # no cut relay's last_event_at is later than this
 
         @app.on_event("startup")
         async def _start():
