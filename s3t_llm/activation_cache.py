@@ -30,9 +30,16 @@ Exactness (what may be reused, and when):
   come out bit for bit the same (their batches did not change);
 * ``boundary`` refuses a stage where any block below the boundary is not zero at that stage, and ``check_zero``
   verifies it on the tensors before every cached stage (a non-zero block below the boundary is an error);
-* in memory only (never written anywhere), bounded by ``limit_bytes``; a stage whose entries do not fit runs
-  uncached (a decision from the stage's own data, so deterministic); ``clear`` drops everything (the trainer
-  calls it when ``train_run`` returns and when the ledger's slice hashes change, i.e. a deletion landed).
+* in memory up to ``limit_bytes``, then (``disk_limit_bytes`` > 0) on disk in the trainer's own scratch
+  directory under the run (``.trainer-pid<PID>-*/act/``, mode 0700, safetensors in the training dtype), one
+  directory per (layer, shard, slice, slice hash, lineage) group (lineage: ``base``, or the lower prefix and
+  its block's manifest digest); a stage whose entries do not fit in both together runs uncached (a decision
+  from the stage's own data, so deterministic); ``clear`` drops everything, files included (the trainer calls
+  it when ``train_run`` returns and when the ledger's slice hashes change, i.e. a deletion landed). Erasure of
+  the disk tier: a deletion destroys every group whose slice hash is no longer current or whose lower block is
+  no longer valid (``stale_groups``, listed in the certificate like any other artifact; a live trainer that
+  then misses an entry stops the stage as stale), a dead trainer's scratch is removed by every deletion, and
+  ``s3t verify`` fails on a stale group or a dead trainer's scratch. The values are the same bits from either tier.
 
 Cost: a cell is forwarded once, up to the highest boundary any stage of the plan needs it at (``fill_to``, a
 hint from the plan: ``highest_boundary``), capturing every lower boundary on the way; the layers below a
@@ -68,7 +75,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import re
+import shutil
+import tempfile
 import time
+from pathlib import Path
+
+from .run import StaleStageError
 
 logger = logging.getLogger(__name__)
 
@@ -146,13 +160,72 @@ def token_key(ids) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
+_GROUP = re.compile(r"^L(\d+)-s(\d+)-x(\d+)-([0-9a-f]+)-(?:base|q([0-9-]+)-([0-9a-f]{16}))$")
+
+
+def group_name(layer: int, cell, lineage: str) -> str:
+    """The disk tier's directory of one (layer, cell, lineage) group; what ``stale_groups`` parses."""
+    return f"L{int(layer)}-s{int(cell[0])}-x{int(cell[1])}-{cell[2]}-{lineage}"
+
+
+def lineage_of(lower_prefix, parent_sha: str | None) -> str:
+    """``base`` for a state of the frozen base; else the lower prefix and its block's manifest digest."""
+    if not lower_prefix:
+        return "base"
+    return "q" + "-".join(str(int(x)) for x in lower_prefix) + "-" + str(parent_sha)[:16]
+
+
+def stale_groups(run_dir, hashes, blocks, valid) -> list[dict]:
+    """Every disk-tier group under ``run_dir``'s trainer scratch that must not be used any more: its slice's
+    hash is not ``hashes[(shard, slice)]``, or its lower block is not in ``valid`` with the recorded digest (or
+    its name does not parse). ``blocks``: block manifests by (shard, prefix)."""
+    out = []
+    for g in sorted(Path(run_dir).glob(".trainer-*/act/*")):
+        m = _GROUP.match(g.name)
+        if m is None:
+            out.append({"kind": "activation-cache", "path": str(g), "problem": "unknown entry group"})
+            continue
+        shard, sl, h = int(m.group(2)), int(m.group(3)), m.group(4)
+        problem = None
+        if hashes.get((shard, sl)) != h:
+            problem = "its slice changed"
+        elif m.group(5) is not None:
+            q = tuple(int(x) for x in m.group(5).split("-"))
+            man = blocks.get((shard, q))
+            if (shard, q) not in valid or man is None or not str(man.get("sha256", "")).startswith(m.group(6)):
+                problem = "computed through a block that is no longer valid"
+        if problem:
+            out.append({"kind": "activation-cache", "shard": shard, "slice": sl, "path": str(g), "problem": problem})
+    return out
+
+
+class _Spilled:
+    """An entry of the disk tier: its file and size (the tensor is read back on use)."""
+
+    __slots__ = ("path", "nbytes")
+
+    def __init__(self, path: Path, nbytes: int):
+        self.path, self.nbytes = path, nbytes
+
+
+class MissingEntry(StaleStageError):
+    """A disk-tier entry is gone (a deletion destroyed its group while the stage ran): the stage is stale."""
+
+
 class ActivationCache:
     """Hidden states entering a layer of one frozen base model, filled per (shard, slice) cell in that cell's
-    canonical batches (see the module docstring); in memory, bounded."""
+    canonical batches (see the module docstring); in memory up to ``limit_bytes``, then on disk up to
+    ``disk_limit_bytes`` in a scratch directory under ``disk_root`` (the run directory)."""
 
-    def __init__(self, base_id: str, limit_bytes: int):
+    def __init__(self, base_id: str, limit_bytes: int, *, disk_limit_bytes: int = 0, disk_root=None):
         self.base_id = base_id
         self.limit_bytes = int(limit_bytes)
+        self.disk_limit_bytes = int(disk_limit_bytes) if disk_root is not None else 0
+        self.disk_root = Path(disk_root) if disk_root is not None else None
+        self._disk_dir: Path | None = None  # created on the first spill
+        self._disk_bytes = 0
+        self._groups: set[Path] = set()  # disk groups this cache created (a destroyed one is never recreated)
+        self._lineage = "base"  # of the stage being prepared (names its disk groups)
         # (layer, cell, token key) -> tensor (n, hidden), CPU; cell = (shard, slice, slice content hash)
         self._entries: dict[tuple, object] = {}
         self._last_use: dict[tuple, int] = {}
@@ -161,23 +234,91 @@ class ActivationCache:
         self._clock = 0
         self._nbytes = 0
         self.stats = {"fills": 0, "hits": 0, "fill_seconds": 0.0, "fill_batches": 0, "stages_cached": 0,
-                      "stages_over_limit": 0, "clears": 0}
+                      "stages_over_limit": 0, "clears": 0, "spilled": 0, "disk_reads": 0, "disk_read_seconds": 0.0,
+                      "spill_seconds": 0.0, "peak_memory_bytes": 0, "peak_disk_bytes": 0}
 
     @property
     def nbytes(self) -> int:
+        """Bytes held in memory."""
         return self._nbytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return self._disk_bytes
+
+    @property
+    def used(self) -> int:
+        return self._nbytes + self._disk_bytes
+
+    @property
+    def capacity(self) -> int:
+        return self.limit_bytes + self.disk_limit_bytes
+
+    @property
+    def disk_dir(self) -> Path | None:
+        return self._disk_dir
 
     def _put(self, key, tensor) -> None:
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = tensor
+        n = tensor.numel() * tensor.element_size()
+        if self._nbytes + n <= self.limit_bytes or self.disk_limit_bytes <= 0:
+            self._entries[key] = tensor
+            self._nbytes += n
+        else:
+            t0 = time.perf_counter()
+            self._entries[key] = self._spill(key, tensor, n)
+            self.stats["spill_seconds"] += time.perf_counter() - t0
+            self._disk_bytes += n
         self._last_use[key] = self._clock
-        self._nbytes += tensor.numel() * tensor.element_size()
+        self.stats["peak_memory_bytes"] = max(self.stats["peak_memory_bytes"], self._nbytes)
+        self.stats["peak_disk_bytes"] = max(self.stats["peak_disk_bytes"], self._disk_bytes)
+
+    def _spill(self, key, tensor, n: int) -> _Spilled:
+        from safetensors.torch import save_file
+
+        if self._disk_dir is None:
+            # The trainer's scratch naming (``.trainer-pid<PID>-<8 chars>``): a dead owner's is removed by every
+            # deletion and reported by ``s3t verify``, like the checkpoints of an interrupted stage.
+            self._disk_dir = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=self.disk_root))
+            os.chmod(self._disk_dir, 0o700)
+        layer, cell, tk = key
+        g = self._disk_dir / "act" / group_name(layer, cell, self._lineage)
+        if g in self._groups and not g.is_dir():
+            # A deletion destroyed this group while the stage ran: never recreate it (its entries are of the
+            # pre-deletion slice); the stage is stale and stops here.
+            raise MissingEntry(f"activation cache: group {g.name} was destroyed by a deletion while the stage ran")
+        g.mkdir(parents=True, exist_ok=True)
+        self._groups.add(g)
+        f = g / (tk[:40] + ".safetensors")
+        save_file({"h": tensor.contiguous()}, str(f))
+        self.stats["spilled"] += 1
+        return _Spilled(f, n)
 
     def _drop(self, key) -> None:
         t = self._entries.pop(key)
         self._last_use.pop(key, None)
-        self._nbytes -= t.numel() * t.element_size()
+        if isinstance(t, _Spilled):
+            self._disk_bytes -= t.nbytes
+            with contextlib.suppress(FileNotFoundError):
+                t.path.unlink()
+        else:
+            self._nbytes -= t.numel() * t.element_size()
+
+    def _value(self, t):
+        if not isinstance(t, _Spilled):
+            return t
+        from safetensors.torch import load_file
+
+        t0 = time.perf_counter()
+        try:
+            h = load_file(str(t.path))["h"]
+        except FileNotFoundError as e:
+            raise MissingEntry(f"activation cache: entry {t.path.name} of group {t.path.parent.name} is gone "
+                               "(a deletion destroyed it while the stage ran)") from e
+        self.stats["disk_reads"] += 1
+        self.stats["disk_read_seconds"] += time.perf_counter() - t0
+        return h
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -187,11 +328,17 @@ class ActivationCache:
         self._last_use.clear()
         self._active.clear()
         self._nbytes = 0
+        self._disk_bytes = 0
+        if self._disk_dir is not None:
+            shutil.rmtree(self._disk_dir, ignore_errors=True)
+            self._disk_dir = None
+        self._groups.clear()
         self.stats["clears"] += 1
 
     def entry(self, layer: int, cell, ids):
         """The entry of one sample (token ids) of ``cell`` at ``layer``, or None."""
-        return self._entries.get((layer, cell, token_key(ids)))
+        t = self._entries.get((layer, cell, token_key(ids)))
+        return None if t is None else self._value(t)
 
     @staticmethod
     def entry_bytes(n_tokens: int, hidden: int, element_size: int) -> int:
@@ -211,7 +358,7 @@ class ActivationCache:
         return [uniq[i:i + bs] for i in range(0, len(uniq), bs)]
 
     def prepare(self, model, layer: int, groups, also: tuple[int, ...] = (), *, batch_size: int = 4,
-                pad_id: int = 0, fill_to: dict | None = None) -> bool:
+                pad_id: int = 0, fill_to: dict | None = None, lineage: str = "base") -> bool:
         """Make sure every sample of the stage has its entry at ``layer``. ``groups``: ``[(cell, rows)]``, one per
         slice of the stage's prefix in prefix order; ``cell`` = (shard, slice, slice content hash), ``rows`` = the
         token ids of the cell's samples the stage trains on, in ledger order. A cell with missing entries is
@@ -219,8 +366,11 @@ class ActivationCache:
         attention mask, as TRL's collator pads), up to ``fill_to[cell]`` (default ``layer``), capturing ``layer``
         and each of ``also`` (other stages' boundaries) on the way; entries other than ``layer``'s are kept only
         where they fit in the limit. False (nothing changed) when the stage's entries at ``layer`` together
-        exceed the limit: the stage must run uncached."""
+        exceed the limit: the stage must run uncached. ``lineage`` (``lineage_of``) names the disk groups of the
+        entries filled now."""
         import torch
+
+        self._lineage = lineage
 
         inner = _decoder(model)
         hidden = inner.config.hidden_size
@@ -235,18 +385,19 @@ class ActivationCache:
                     keys[(layer, cell, tk)] = ids
                     active.setdefault(tk, (layer, cell, tk))
         need = sum(self.entry_bytes(len(r), hidden, esize) for r in keys.values())
-        if need > self.limit_bytes:
+        if need > self.capacity:
             self.stats["stages_over_limit"] += 1
-            logger.info("activation cache: the stage needs %.1f MiB > limit %.1f MiB; training it uncached",
-                        need / 2**20, self.limit_bytes / 2**20)
+            logger.info("activation cache: the stage needs %.1f MiB > limit %.1f MiB (memory %.1f + disk %.1f); "
+                        "training it uncached", need / 2**20, self.capacity / 2**20, self.limit_bytes / 2**20,
+                        self.disk_limit_bytes / 2**20)
             return False
         missing = [key for key in keys if key not in self._entries]
         # Evict the least recently used entries that this stage does not need until the missing ones fit.
         fill_bytes = sum(self.entry_bytes(len(keys[key]), hidden, esize) for key in missing)
-        if self.nbytes + fill_bytes > self.limit_bytes:
+        if self.used + fill_bytes > self.capacity:
             for old in sorted((x for x in self._entries if x not in keys), key=lambda x: self._last_use[x]):
                 self._drop(old)
-                if self.nbytes + fill_bytes <= self.limit_bytes:
+                if self.used + fill_bytes <= self.capacity:
                     break
         t0 = time.perf_counter()
         miss = set(missing)
@@ -323,7 +474,7 @@ class ActivationCache:
                                         self._put(key, h[b, :n].clone())
                                         pending -= n * token_bytes
                                 elif key not in self._entries and \
-                                        self._nbytes + max(pending, 0) + n * token_bytes <= self.limit_bytes:
+                                        self.used + max(pending, 0) + n * token_bytes <= self.capacity:
                                     self._put(key, h[b, :n].clone())
         finally:
             for handle in handles:
@@ -345,6 +496,8 @@ class ActivationCache:
                 raise RuntimeError("activation cache: the batch is not right-padded")
             key = active.get(token_key(input_ids[b, :n].tolist()))
             h = self._entries.get(key) if key is not None else None
+            if h is not None:
+                h = self._value(h)
             if h is None:
                 raise RuntimeError("activation cache: a batch row has no entry (not one of the stage's samples)")
             rows.append(h)

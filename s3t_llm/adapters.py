@@ -208,7 +208,8 @@ class AdapterStore:
     def clean_staging(self) -> int:
         """Remove staging directories whose owner process is dead (never a live job's); returns how many."""
         n = 0
-        for pattern in ("blocks/shard*/.staging-*", "adapters/.staging-*", "unlearned/.staging-*"):
+        # ``.trainer-*``: a dead trainer's stage checkpoints and activation-cache disk tier (data derived from samples).
+        for pattern in ("blocks/shard*/.staging-*", "adapters/.staging-*", "unlearned/.staging-*", ".trainer-*"):
             for p in list(self.root.glob(pattern)):
                 if not staging_owner_alive(p):
                     shutil.rmtree(p, ignore_errors=True)

@@ -110,11 +110,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Activation cache (s3t_llm/activation_cache.py): a stage whose trained block has only zero blocks below it
     # runs the decoder from that block's lowest layer up, from cached per-sample hidden states of the frozen
-    # base. In memory only, never written to disk, dropped when training returns or a deletion lands.
+    # base. In memory (then on disk, see activation_cache_disk_gb), dropped when training returns or a deletion lands.
     cache_activations: bool = False
     # Memory bound of that cache in GiB (hidden states in the training dtype); a stage whose entries would not
     # fit runs uncached (decided from the stage's own data, so the result stays deterministic).
     activation_cache_gb: float = 4.0
+    # Disk tier of that cache in GiB (0: memory only): entries beyond the memory bound spill to the trainer's
+    # scratch directory under the run (mode 0700, in the training dtype), removed when training returns or a
+    # deletion lands; a deletion destroys the deleted slices' groups and `s3t verify` checks it. Off by default
+    # because it writes data derived from samples to disk; worth it when a stage's states exceed memory.
+    activation_cache_disk_gb: float = 0.0
 
 
 @dataclass
@@ -212,6 +217,8 @@ class RunConfig:
         _check(t.weight_decay >= 0.0, "train.weight_decay", t.weight_decay, "must be >= 0")
         _check(t.max_grad_norm >= 0.0, "train.max_grad_norm", t.max_grad_norm, "must be >= 0 (0 disables clipping)")
         _check(t.activation_cache_gb > 0.0, "train.activation_cache_gb", t.activation_cache_gb, "must be > 0")
+        _check(t.activation_cache_disk_gb >= 0.0, "train.activation_cache_disk_gb", t.activation_cache_disk_gb,
+               "must be >= 0 (0: memory only)")
         r = self.ray
         _check(r.threads >= 1, "ray.threads", r.threads, "must be >= 1")
         _check(r.workers is None or r.workers >= 1, "ray.workers", r.workers, "must be >= 1 (or null)")

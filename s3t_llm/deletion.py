@@ -112,6 +112,11 @@ def stale_artifacts(run: Run, snap=None, *, served: set[str] | None = None) -> l
         man = snap.derived[name]
         out.append({"kind": "unlearned-adapter", "name": name, "shard": man.get("shard"),
                     "sha256": man.get("sha256"), "path": man["path"]})
+    # The activation cache's disk tier (a live trainer's scratch): groups of a changed slice or a lower block
+    # that is no longer valid; the trainer, missing one mid-stage, stops that stage as stale.
+    from .activation_cache import stale_groups
+
+    out += stale_groups(run.dir, snap.hashes, snap.blocks, exactness.valid_blocks(snap.blocks, snap.hashes))
     return out
 
 
@@ -168,7 +173,7 @@ def sweep_trash(run: Run) -> int:
     """Remove what a killed destroy left in `.trash-*` directories; returns how many."""
     n = 0
     # Known depths only (no recursive walk: other threads rename directories under it concurrently).
-    for pattern in ("blocks/shard*/.trash-*", "adapters/.trash-*", "unlearned/.trash-*"):
+    for pattern in ("blocks/shard*/.trash-*", "adapters/.trash-*", "unlearned/.trash-*", ".trainer-*/act/.trash-*"):
         for t in list(run.dir.glob(pattern)):
             shutil.rmtree(t, ignore_errors=True)
             n += 1

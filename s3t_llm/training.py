@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import exactness
 from .activation_cache import (ActivationCache, base_boundary, block_digest, boundary, cached_forward, check_zero,
-                               highest_boundary, lower_blocks, zero_top)
+                               highest_boundary, lineage_of, lower_blocks, zero_top)
 from .adapters import layer_of
 from .prompts import to_example
 from .locking import hold
@@ -216,8 +216,12 @@ class StageTrainer:
         # would drop it (no completion token within data.max_length). In memory; dies with the trainer.
         self._tokens: dict[str, tuple[list[int], list[int]] | None] = {}
         self.pretokenize = True  # False: the per-stage TRL preparation of before (kept for the equality test)
+        # The disk tier lives in the run directory (erasure and `s3t verify` cover it there); a Ray worker,
+        # which never opens the run directory, keeps its cache in memory only.
         self.act_cache = (ActivationCache(run.info.get("base_fingerprint", run.model_path) + ":" + self.precision,
-                                          int(cfg.train.activation_cache_gb * 2**30))
+                                          int(cfg.train.activation_cache_gb * 2**30),
+                                          disk_limit_bytes=int(cfg.train.activation_cache_disk_gb * 2**30),
+                                          disk_root=run.dir if isinstance(run, Run) else None)
                           if cfg.train.cache_activations else None)
         self.last_fit: dict = {}
 
@@ -336,7 +340,7 @@ class StageTrainer:
         return [self._tokens[key] for key in keys]
 
     def _fit(self, examples: list[dict], tmp: Path, seed: int, what: str, cache_layer: int | None = None,
-             cache_groups: list | None = None, cache_also: tuple[int, ...] = ()):
+             cache_groups: list | None = None, cache_also: tuple[int, ...] = (), cache_lineage: str = "base"):
         """One TRL SFT run on ``examples`` over the parameters that require grad; a fresh optimizer that dies
         with the trainer. ``cache_layer``: run the decoder from that layer up on cached hidden states (the
         caller has checked that everything below it is the frozen base); ``cache_groups``: with it,
@@ -387,7 +391,7 @@ class StageTrainer:
             if pad_id is None:
                 pad_id = self.tokenizer.pad_token_id
             if self.act_cache.prepare(self.model, cache_layer, groups, also=cache_also, batch_size=cfg.train.batch_size,
-                                      pad_id=int(pad_id or 0), fill_to=fill_to):
+                                      pad_id=int(pad_id or 0), fill_to=fill_to, lineage=cache_lineage):
                 used_layer = cache_layer
                 ctx = cached_forward(self.model, self.act_cache, cache_layer, self.lora_modules, self.run.blocks,
                                      cfg.train.gradient_checkpointing)
@@ -476,6 +480,7 @@ class StageTrainer:
         lower = lower_blocks(run.blocks, k)
         no_dropout = lower if getattr(run, "block_order", "top_down") == "bottom_up" else []
         cache_layer, cache_groups, cache_also = None, None, ()
+        cache_lineage = lineage_of(prefix[:-1] if lower else (), parent_sha)  # names the cache's disk groups
         if self.act_cache is not None:
             cache_layer = boundary(run.blocks, k)
             live = [n for b in lower if b not in no_dropout for n, m in self.lora_modules[b]
@@ -514,7 +519,7 @@ class StageTrainer:
                     mod.lora_dropout["default"] = nn.Identity()
             out, n_used, n_tokens, seconds = self._fit(examples, tmp, seed, f"shard {shard} prefix {prefix}",
                                                        cache_layer=cache_layer, cache_groups=cache_groups,
-                                                       cache_also=cache_also)
+                                                       cache_also=cache_also, cache_lineage=cache_lineage)
         finally:
             for mod, drop in saved_dropout:
                 mod.lora_dropout["default"] = drop
@@ -608,7 +613,10 @@ def _train_run(run: Run, *, shards, sequences, precision, progress) -> dict:
         return summary
     trainer = StageTrainer(run, precision)
     try:
-        return _train_stages(run, trainer, todo, summary, progress)
+        out = _train_stages(run, trainer, todo, summary, progress)
+        if trainer.act_cache is not None:
+            out["activation_cache"] = dict(trainer.act_cache.stats)
+        return out
     finally:
         trainer.clear_caches()  # token ids and hidden states never outlive the run's training
 

@@ -167,6 +167,16 @@ def verify_run(run_dir: str | Path, *, certificate: str | None = None, replay: b
                 continue  # a live writer's work in progress
             rep.check((p / man_name).exists(), f"{p.relative_to(run.dir)}: a directory without its manifest "
                                                "(leftover of an interrupted write or removal)")
+    # The activation cache's disk tier: no group of a changed slice or of an invalid lower block, and no dead
+    # trainer's (live trainers clear theirs when training returns; a deletion removes dead ones).
+    from .activation_cache import stale_groups
+
+    for g in stale_groups(run.dir, snap.hashes, snap.blocks, valid):
+        rep.check(False, f"{Path(g['path']).relative_to(run.dir)}: activation cache entries that must not exist "
+                         f"({g['problem']})")
+    for p in sorted(run.dir.glob(".trainer-*/act")):
+        rep.check(staging_owner_alive(p.parent), f"{p.relative_to(run.dir)}: activation cache of a dead trainer "
+                                                 "(data derived from samples)")
     desired = run.desired_routing(snap)
     rep.echo(f"artifacts: {len(snap.blocks)} blocks, {len(snap.adapters)} adapters, {len(snap.derived)} derived; "
              f"serves {[(s, e and e['depth']) for s, e in desired.items()]}")
