@@ -175,27 +175,48 @@ def lineage_of(lower_prefix, parent_sha: str | None) -> str:
     return "q" + "-".join(str(int(x)) for x in lower_prefix) + "-" + str(parent_sha)[:16]
 
 
+def group_problem(name: str, hashes, blocks, valid) -> str | None:
+    """Why the disk-tier group ``name`` must not be used (None: it is current): its slice's hash is not
+    ``hashes[(shard, slice)]``, or its lower block is not in ``valid`` with the recorded digest, or the name does
+    not parse. ``blocks``: block manifests by (shard, prefix)."""
+    m = _GROUP.match(name)
+    if m is None:
+        return "unknown entry group"
+    shard, sl, h = int(m.group(2)), int(m.group(3)), m.group(4)
+    if hashes.get((shard, sl)) != h:
+        return "its slice changed"
+    if m.group(5) is not None:
+        q = tuple(int(x) for x in m.group(5).split("-"))
+        man = blocks.get((shard, q))
+        if (shard, q) not in valid or man is None or not str(man.get("sha256", "")).startswith(m.group(6)):
+            return "computed through a block that is no longer valid"
+    return None
+
+
+def _listdir(p: Path) -> list[Path]:
+    try:
+        return sorted(p.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # removed meanwhile (a trainer clearing its scratch)
+        return []
+
+
+def cache_groups(run_dir) -> list[Path]:
+    """Every disk-tier group directory under ``run_dir``'s trainer scratch (tolerates directories that vanish
+    while it lists: a live trainer clears its own)."""
+    return [g for t in _listdir(Path(run_dir)) if t.name.startswith(".trainer-")
+            for g in _listdir(t / "act") if not g.name.startswith(".trash-")]
+
+
 def stale_groups(run_dir, hashes, blocks, valid) -> list[dict]:
-    """Every disk-tier group under ``run_dir``'s trainer scratch that must not be used any more: its slice's
-    hash is not ``hashes[(shard, slice)]``, or its lower block is not in ``valid`` with the recorded digest (or
-    its name does not parse). ``blocks``: block manifests by (shard, prefix)."""
+    """Every disk-tier group under ``run_dir``'s trainer scratch that must not be used any more
+    (``group_problem``)."""
     out = []
-    for g in sorted(Path(run_dir).glob(".trainer-*/act/*")):
-        m = _GROUP.match(g.name)
-        if m is None:
-            out.append({"kind": "activation-cache", "path": str(g), "problem": "unknown entry group"})
-            continue
-        shard, sl, h = int(m.group(2)), int(m.group(3)), m.group(4)
-        problem = None
-        if hashes.get((shard, sl)) != h:
-            problem = "its slice changed"
-        elif m.group(5) is not None:
-            q = tuple(int(x) for x in m.group(5).split("-"))
-            man = blocks.get((shard, q))
-            if (shard, q) not in valid or man is None or not str(man.get("sha256", "")).startswith(m.group(6)):
-                problem = "computed through a block that is no longer valid"
+    for g in cache_groups(run_dir):
+        problem = group_problem(g.name, hashes, blocks, valid)
         if problem:
-            out.append({"kind": "activation-cache", "shard": shard, "slice": sl, "path": str(g), "problem": problem})
+            m = _GROUP.match(g.name)
+            where = {"shard": int(m.group(2)), "slice": int(m.group(3))} if m else {}
+            out.append({"kind": "activation-cache", **where, "path": str(g), "problem": problem})
     return out
 
 
@@ -217,8 +238,15 @@ class ActivationCache:
     canonical batches (see the module docstring); in memory up to ``limit_bytes``, then on disk up to
     ``disk_limit_bytes`` in a scratch directory under ``disk_root`` (the run directory)."""
 
-    def __init__(self, base_id: str, limit_bytes: int, *, disk_limit_bytes: int = 0, disk_root=None):
+    def __init__(self, base_id: str, limit_bytes: int, *, disk_limit_bytes: int = 0, disk_root=None,
+                 lock=None, current=None):
+        """``lock``: the run's in-process writer lock (a deletion holds it from its plan to its certificate), held
+        for every write and removal of the disk tier, so a deletion's destroy and a spill never interleave;
+        ``current(group name) -> bool``: read from the ledger and the store when a group is first created, so a
+        group of a slice that a deletion has changed is never created after that deletion destroyed its kind."""
         self.base_id = base_id
+        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._current = current
         self.limit_bytes = int(limit_bytes)
         self.disk_limit_bytes = int(disk_limit_bytes) if disk_root is not None else 0
         self.disk_root = Path(disk_root) if disk_root is not None else None
@@ -262,7 +290,10 @@ class ActivationCache:
         if key in self._entries:
             self._drop(key)
         n = tensor.numel() * tensor.element_size()
-        if self._nbytes + n <= self.limit_bytes or self.disk_limit_bytes <= 0:
+        # Memory first, then disk. The caller keeps memory + disk within both bounds together, so a tier
+        # exceeds its own bound by less than one entry at most.
+        if self._nbytes + n <= self.limit_bytes or self.disk_limit_bytes <= 0 or \
+                self._disk_bytes + n > self.disk_limit_bytes:
             self._entries[key] = tensor
             self._nbytes += n
         else:
@@ -277,21 +308,29 @@ class ActivationCache:
     def _spill(self, key, tensor, n: int) -> _Spilled:
         from safetensors.torch import save_file
 
-        if self._disk_dir is None:
-            # The trainer's scratch naming (``.trainer-pid<PID>-<8 chars>``): a dead owner's is removed by every
-            # deletion and reported by ``s3t verify``, like the checkpoints of an interrupted stage.
-            self._disk_dir = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=self.disk_root))
-            os.chmod(self._disk_dir, 0o700)
         layer, cell, tk = key
-        g = self._disk_dir / "act" / group_name(layer, cell, self._lineage)
-        if g in self._groups and not g.is_dir():
-            # A deletion destroyed this group while the stage ran: never recreate it (its entries are of the
-            # pre-deletion slice); the stage is stale and stops here.
-            raise MissingEntry(f"activation cache: group {g.name} was destroyed by a deletion while the stage ran")
-        g.mkdir(parents=True, exist_ok=True)
-        self._groups.add(g)
-        f = g / (tk[:40] + ".safetensors")
-        save_file({"h": tensor.contiguous()}, str(f))
+        with self._lock:  # never between a deletion's plan and its certificate (it destroys groups then)
+            if self._disk_dir is None:
+                # The trainer's scratch naming (``.trainer-pid<PID>-<8 chars>``): a dead owner's is removed by
+                # every deletion and the next training, and reported by ``s3t verify``.
+                self._disk_dir = Path(tempfile.mkdtemp(prefix=f".trainer-pid{os.getpid()}-", dir=self.disk_root))
+                os.chmod(self._disk_dir, 0o700)
+            name = group_name(layer, cell, self._lineage)
+            g = self._disk_dir / "act" / name
+            if g in self._groups:
+                if not g.is_dir():
+                    # A deletion destroyed this group while the stage ran: never recreate it (its entries are of
+                    # the pre-deletion slice); the stage is stale and stops here.
+                    raise MissingEntry(f"activation cache: group {name} was destroyed by a deletion while the "
+                                       "stage ran")
+            else:
+                if self._current is not None and not self._current(name):
+                    raise MissingEntry(f"activation cache: group {name} is no longer current (a deletion landed "
+                                       "while the stage ran)")
+                g.mkdir(parents=True, exist_ok=True)
+                self._groups.add(g)
+            f = g / (tk[:40] + ".safetensors")
+            save_file({"h": tensor.contiguous()}, str(f))
         self.stats["spilled"] += 1
         return _Spilled(f, n)
 
@@ -300,7 +339,7 @@ class ActivationCache:
         self._last_use.pop(key, None)
         if isinstance(t, _Spilled):
             self._disk_bytes -= t.nbytes
-            with contextlib.suppress(FileNotFoundError):
+            with self._lock, contextlib.suppress(FileNotFoundError):
                 t.path.unlink()
         else:
             self._nbytes -= t.numel() * t.element_size()
@@ -330,7 +369,8 @@ class ActivationCache:
         self._nbytes = 0
         self._disk_bytes = 0
         if self._disk_dir is not None:
-            shutil.rmtree(self._disk_dir, ignore_errors=True)
+            with self._lock:
+                shutil.rmtree(self._disk_dir, ignore_errors=True)
             self._disk_dir = None
         self._groups.clear()
         self.stats["clears"] += 1
@@ -474,7 +514,10 @@ class ActivationCache:
                                         self._put(key, h[b, :n].clone())
                                         pending -= n * token_bytes
                                 elif key not in self._entries and \
+                                        self._nbytes + n * token_bytes <= self.limit_bytes and \
                                         self.used + max(pending, 0) + n * token_bytes <= self.capacity:
+                                    # Another stage's boundary, on the way: kept in memory only (a write to
+                                    # disk for a state that may never be used is not worth it).
                                     self._put(key, h[b, :n].clone())
         finally:
             for handle in handles:

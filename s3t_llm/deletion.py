@@ -155,8 +155,11 @@ def destroy(run: Run, artifacts: list[dict]) -> list[dict]:
             # Atomic rename first: a kill during the removal leaves a `.trash-*` directory (swept below and by
             # every later deletion), never a half-removed artifact that has lost its manifest but kept its weights.
             trash = p.parent / f".trash-{p.name}-{os.getpid()}-{time.time_ns()}"
-            os.replace(p, trash)
-            shutil.rmtree(trash)
+            try:
+                os.replace(p, trash)
+            except FileNotFoundError:  # removed meanwhile (a live trainer clearing its activation cache)
+                continue
+            shutil.rmtree(trash, onerror=_gone_is_fine)
             done.append(a)
     sweep_trash(run)
     # Trainer scratch (checkpoints / optimizer state of an interrupted stage) of dead trainers never survives; a
@@ -167,6 +170,12 @@ def destroy(run: Run, artifacts: list[dict]) -> list[dict]:
         if not staging_owner_alive(scratch):
             shutil.rmtree(scratch, ignore_errors=True)
     return done
+
+
+def _gone_is_fine(func, path, exc_info) -> None:
+    """rmtree's error handler: what vanished meanwhile is removed; any other error is raised."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def sweep_trash(run: Run) -> int:

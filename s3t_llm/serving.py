@@ -510,7 +510,9 @@ def _merge_cuts(cuts: list[dict]) -> dict:
            "relays_not_confirmed": sum(c["relays_not_confirmed"] for c in cuts),
            "engine_quiesced": all(c["engine_quiesced"] for c in cuts),
            "engine_quiesce_seconds": max((c.get("engine_quiesce_seconds") or 0) for c in cuts),
-           "flights": [f for c in cuts for f in c.get("flights", [])][:MAX_REPORTED_FLIGHTS]}
+           "flights": [f for c in cuts for f in c.get("flights", [])][:MAX_REPORTED_FLIGHTS],
+           "flights_omitted": sum(len(c.get("flights", [])) + c.get("flights_omitted", 0) for c in cuts)
+           - min(MAX_REPORTED_FLIGHTS, sum(len(c.get("flights", [])) for c in cuts))}
     errors = [c["engine_error"] for c in cuts if "engine_error" in c]
     if errors:
         out["engine_error"] = "; ".join(errors)
@@ -691,7 +693,11 @@ class Gateway:
             # Every relay on a retired adapter must have stopped before the acknowledgement, whoever cut it (a
             # fence during this switch, or an earlier integrity check, may have cut it already).
             gone_set = set(gone)
-            pending = [f for f in self._flights.values() if f.target in gone_set and not f.stopped.is_set()]
+            # This switch's own victims always (a relay woken by the cut may have stopped already: it is still
+            # reported), and earlier cuts' relays that have not stopped yet.
+            cut_now = set(map(id, victims))
+            pending = [f for f in self._flights.values()
+                       if f.target in gone_set and (id(f) in cut_now or not f.stopped.is_set())]
         t_switched = time.perf_counter()
         report = {"loaded": loaded, "removed": [], "cut_requests": len(victims)}
         if gone:
@@ -798,7 +804,8 @@ class Gateway:
         return {"requests": len(victims), "relays_stopped_seconds": round(t_relays - t0, 4),
                 "relays_not_confirmed": len(late), "engine_quiesced": bool(q.get("ok")),
                 "engine_quiesce_seconds": q.get("seconds"), **({"engine_error": q["error"]} if "error" in q else {}),
-                "flights": [_flight_record(f) for f in victims[:MAX_REPORTED_FLIGHTS]]}
+                "flights": [_flight_record(f) for f in victims[:MAX_REPORTED_FLIGHTS]],
+                "flights_omitted": max(0, len(victims) - MAX_REPORTED_FLIGHTS)}
 
     def _reset_prefix_cache(self, replica: Replica | None = None, tries: int = 1, gap: float = 0.05) -> dict:
         """vLLM refuses the reset while requests hold KV blocks: retry a few times, then keep retrying in the
@@ -1445,14 +1452,16 @@ class Gateway:
                                          "is sent); send the request again to be served by the current adapter",
                               "type": "deletion_in_progress", "code": "deletion_in_progress"}}
 
-        class Relayed(JSONResponse):  # runs ``on_done`` once the response is sent, or failed to be
+        class Relayed(JSONResponse):  # runs ``on_done`` once the response is sent (``completed``), or failed to be
             def __init__(self, *a, on_done=None, **kw):
                 super().__init__(*a, **kw)
                 self.on_done = on_done
+                self.completed = False
 
             async def __call__(self, scope, receive, send):
                 try:
                     await super().__call__(scope, receive, send)
+                    self.completed = True
                 finally:
                     self.on_done()
 
@@ -1588,11 +1597,13 @@ class Gateway:
                     self.metrics.generated(flight.shard, flight.depth, usage["completion_tokens"])
                 handed_off = True
 
-                def answered():  # after the whole answer was sent
-                    flight.sent, flight.last_sent = 1, time.time()
+                def answered():  # after the whole answer was sent (or its send failed: then nothing was given)
+                    if resp.completed:
+                        flight.sent, flight.last_sent = 1, time.time()
                     release()
 
-                return Relayed(payload, status_code=r.status_code, headers=headers, on_done=answered)
+                resp = Relayed(payload, status_code=r.status_code, headers=headers, on_done=answered)
+                return resp
             finally:
                 if not handed_off:
                     release()

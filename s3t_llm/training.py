@@ -32,7 +32,7 @@ from .activation_cache import (ActivationCache, base_boundary, block_digest, bou
                                highest_boundary, lineage_of, lower_blocks, zero_top)
 from .adapters import layer_of
 from .prompts import to_example
-from .locking import hold
+from .locking import hold, writer_lock
 from .run import DATASET, Run, StaleStageError
 
 __all__ = ["StageTrainer", "StaleStageError", "stage_plan", "train_run", "training_env"]
@@ -218,12 +218,23 @@ class StageTrainer:
         self.pretokenize = True  # False: the per-stage TRL preparation of before (kept for the equality test)
         # The disk tier lives in the run directory (erasure and `s3t verify` cover it there); a Ray worker,
         # which never opens the run directory, keeps its cache in memory only.
+        on_disk = isinstance(run, Run) and cfg.train.activation_cache_disk_gb > 0
         self.act_cache = (ActivationCache(run.info.get("base_fingerprint", run.model_path) + ":" + self.precision,
                                           int(cfg.train.activation_cache_gb * 2**30),
                                           disk_limit_bytes=int(cfg.train.activation_cache_disk_gb * 2**30),
-                                          disk_root=run.dir if isinstance(run, Run) else None)
+                                          disk_root=run.dir if on_disk else None,
+                                          lock=writer_lock(run.dir) if on_disk else None,
+                                          current=self._cache_group_current if on_disk else None)
                           if cfg.train.cache_activations else None)
         self.last_fit: dict = {}
+
+    def _cache_group_current(self, name: str) -> bool:
+        """Whether a disk-tier group may be created now: its slice and lower block are current in the ledger and
+        the store (read under the run's writer lock, which the cache holds while it asks)."""
+        from .activation_cache import group_problem
+
+        hashes, blocks = self.run.slice_hashes(), self.run.block_manifests()
+        return group_problem(name, hashes, blocks, exactness.valid_blocks(blocks, hashes)) is None
 
     def clear_caches(self) -> None:
         """Drop every cached token list and hidden state (they are data derived from samples)."""

@@ -99,6 +99,10 @@ def test_a_deletion_destroys_the_spilled_entries_of_its_slice_and_those_through_
     gone_key = next(k for k in tr.act_cache._entries if k[0] == 3 and k[1][1] == b)
     with pytest.raises(MissingEntry):
         tr.act_cache._put(gone_key, torch.zeros(2, 3))
+    # A group it never created, of the changed slice (a stage still running on the pre-deletion data): refused
+    # from the ledger when it would be created (under the run's writer lock, which the deletion holds throughout).
+    with pytest.raises(MissingEntry, match="no longer current"):
+        tr.act_cache._put((1,) + gone_key[1:], torch.zeros(2, 3))
     assert sorted(groups_of(run)) == sorted(left)
     tr.clear_caches()
     assert not list(Path(run.dir).glob(".trainer-*"))
