@@ -514,10 +514,10 @@ class ActivationCache:
                                         self._put(key, h[b, :n].clone())
                                         pending -= n * token_bytes
                                 elif key not in self._entries and \
-                                        self._nbytes + n * token_bytes <= self.limit_bytes and \
                                         self.used + max(pending, 0) + n * token_bytes <= self.capacity:
-                                    # Another stage's boundary, on the way: kept in memory only (a write to
-                                    # disk for a state that may never be used is not worth it).
+                                    # Another stage's boundary of the plan, on the way (``fill_to``): kept in
+                                    # either tier (memory-only cost 2.3x the fill time in
+                                    # benchmarks/results/cache_disk_tier.md's worst case; a spill is ~1 ms).
                                     self._put(key, h[b, :n].clone())
         finally:
             for handle in handles:
