@@ -210,24 +210,52 @@ def _print_deletion(rid, noop, changes, dead, seconds, cert) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_served
+    from .evaluation import evaluate_offline, evaluate_served
+    from .evaluation.ensemble import NoLiveShard
     from .run import Run
     from .serving import SERVE_FILE
 
     run = Run.open(args.run)
-    sf = run.dir / SERVE_FILE
-    if not sf.exists():
-        raise FileNotFoundError(f"run {run.config.name} is not serving; start it with `s3t serve {args.run}`")
-    info = json.loads(sf.read_text())
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks needs at least one task name")
-    # evaluate_served loads (and so checks) every task before anything is scored
-    res = evaluate_served(run, info["url"], tasks=tasks, limit=args.limit or None, heldout=args.heldout,
-                          base_url=info["url"] if args.base else None, progress=True,
-                          **({"include_path": args.include_path} if args.include_path else {}))
-    print(json.dumps({k: v for k, v in res.items()}, indent=2, default=str))
+    sf = run.dir / SERVE_FILE
+    backend = args.backend
+    if backend == "auto":
+        backend = "vllm" if sf.exists() else "offline"
+        print(f"s3t eval: backend {backend} ({'the run is serving' if sf.exists() else 'the run is not serving'}; "
+              "--backend chooses)", file=sys.stderr)
+    kw = {"include_path": args.include_path} if args.include_path else {}
+    # both load (and so check) every task before anything is scored
+    if backend == "vllm":
+        if not sf.exists():
+            raise FileNotFoundError(f"run {run.config.name} is not serving; start it with `s3t serve {args.run}` "
+                                    "or score the stored run with --backend offline")
+        info = json.loads(sf.read_text())
+        state = _get_json(f"{info['url']}/s3t/state")
+        if not any(s["adapter"] for s in state["shards"]) and not args.base:
+            raise NoLiveShard(f"run {run.config.name}: no live shard (every shard needs retraining): nothing to "
+                              "score (pass --base to score the base model alone)")
+        res = evaluate_served(run, info["url"], tasks=tasks, limit=args.limit or None, heldout=args.heldout,
+                              base_url=info["url"] if args.base else None, progress=True, **kw)
+        res["backend"] = "vllm"
+    else:
+        res = evaluate_offline(run, tasks=tasks, limit=args.limit or None, heldout=args.heldout, base=args.base,
+                               progress=True, dtype=args.dtype, **kw)
+    text = json.dumps(res, indent=2, default=str)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+        print(f"s3t eval: results in {Path(args.output).resolve()}", file=sys.stderr)
+    print(text)
     return 0
+
+
+def _get_json(url: str) -> dict:
+    import requests
+
+    r = requests.get(url, timeout=60)
+    r.raise_for_status()
+    return r.json()
 
 
 def cmd_verify(args) -> int:
@@ -375,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run")
     sp.set_defaults(func=cmd_migrate)
 
-    sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a serving run")
+    sp = sub.add_parser("eval", help="zero-shot scores (shard ensemble) and held-out loss of a run, served or stored")
     sp.add_argument("run")
     sp.add_argument("--tasks", default="arc_easy,piqa",
                     help="comma-separated task names: old names (arc_easy, piqa, ...: aliases of s3t_*), lm-eval tasks (s3t_arc_easy... "
@@ -385,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=100, help="items per task (a fixed seeded subset); 0 for all")
     sp.add_argument("--heldout", type=int, default=64, help="held-out Alpaca records for the loss")
     sp.add_argument("--base", action="store_true", help="also score the base model as a reference")
+    sp.add_argument("--backend", choices=["auto", "vllm", "offline"], default="auto",
+                    help="vllm: the served adapters through the gateway (bf16 on CPU); offline: the ledger's current "
+                         "prefix adapters in this process (transformers + PEFT, --dtype); auto (default): vllm when "
+                         "the run is serving, else offline")
+    sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="offline backend: the dtype of the model (float32 = lm-eval's hf model on CPU)")
+    sp.add_argument("--output", metavar="FILE.json", help="also write the results to this file")
     sp.set_defaults(func=cmd_eval)
 
     sp = sub.add_parser("unlearn", help="approximate unlearning (DEL or a gradient baseline) into a new adapter")
@@ -470,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
 
     known = [ConfigError, StoreError, FileNotFoundError, ServingError, RunBusy]
     for mod, name in (("ledger", "LedgerError"), ("records", "RecordError"), ("planner", "PlanError"),
-                      ("models", "ModelError"), ("evaluation", "TaskError")):
+                      ("models", "ModelError"), ("evaluation", "TaskError"),
+                      ("evaluation.ensemble", "NoLiveShard")):
         try:
             known.append(getattr(__import__(f"s3t_llm.{mod}", fromlist=[name]), name))
         except (ImportError, AttributeError):

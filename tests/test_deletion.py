@@ -24,7 +24,8 @@ def trained(tmp_path_factory, tiny_llama, alpaca_sample):
     d = tmp_path_factory.mktemp("deletion")
     data = d / "data.json"
     data.write_text(json.dumps(alpaca_sample[:48]))
-    run = Run.create(make_cfg(d, tiny_llama, data, name="del", extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=2"]))
+    run = Run.create(make_cfg(d, tiny_llama, data, name="del", extra=["s3t.shards=2", "s3t.slices=2", "s3t.budget=2",
+                                                                    "data.heldout=6"]))
     train_run(run, progress=False)
     publish(run)
     return run.dir
@@ -186,3 +187,58 @@ def test_background_retraining_revives_a_dead_shard_without_the_deleted_sample(t
         assert victim not in man["sample_ids"]
         assert man["slice_hashes"] == {str(sl): hashes[(0, sl)] for sl in e["prefix"][:k]}
     assert set(gw.server.ids) == {e["name"], other_before} and len(gw.server.engine) == 2
+
+
+def test_eval_offline_scores_the_ledgers_live_prefixes_like_one_peft_model_each(trained, tmp_path, capsys):
+    """`s3t eval RUN --backend offline`: the current prefix adapter of every live shard, all in one multi-adapter
+    PEFT model, scores exactly as that adapter loaded alone (HFScorer + PEFT, fp32); after a deletion that kills a
+    shard only the live one is scored, and with no live shard at all the command refuses before scoring."""
+    from s3t_llm.cli import main
+    from s3t_llm.evaluation import HFScorer, evaluate, heldout_loss, load_tasks
+
+    fix = str(Path(__file__).resolve().parent / "fixtures" / "lm_tasks")
+    run = clone(trained, tmp_path / "r")
+    out = tmp_path / "eval.json"
+    rc = main(["eval", str(run.dir), "--backend", "offline", "--tasks", "fx_split,fx_multi,s3t_arc_easy",
+               "--include-path", fix, "--limit", "6", "--heldout", "6", "--base", "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    plan = serving_plan(run)
+    assert res["backend"] == "offline" and res["live_shards"] == [0, 1]
+    assert {k: v["name"] for k, v in res["adapters"].items()} == {f"shard{s}": plan[s]["name"] for s in (0, 1)}
+    # each adapter alone, loaded the plain way
+    tasks = load_tasks(["fx_split", "fx_multi", "s3t_arc_easy"], limit=6, include_path=fix)
+    recs = run.heldout()[:6]
+    alone = {f"shard{s}": HFScorer.from_pretrained(run.model_path, adapter=str(run.store.adapter_dir(plan[s]["name"])))
+             for s in (0, 1)}
+    ref = evaluate(alone, tasks, progress=False)
+    for name in ("fx_split", "fx_multi", "s3t_arc_easy"):
+        for s in alone:
+            assert res["tasks"][name]["per_shard"][s] == ref["tasks"][name]["scorers"][s]["acc"], (name, s)
+        assert res["tasks"][name]["acc"] == ref["tasks"][name]["ensemble"]["acc"]
+        assert "base_acc" in res["tasks"][name]
+    assert "lm_eval" in res["tasks"]["fx_multi"]   # the task's own process_results, on the ensemble too
+    for s, sc in alone.items():
+        h = heldout_loss(sc, recs, run.config.data.template, run.config.data.max_length)
+        assert res["heldout"]["per_shard"][s] == pytest.approx(h["loss"], rel=1e-6, abs=0)
+    base = heldout_loss(HFScorer.from_pretrained(run.model_path), recs, run.config.data.template,
+                        run.config.data.max_length)
+    assert res["heldout"]["base"] == pytest.approx(base["loss"], rel=1e-6, abs=0)
+    assert res["heldout"]["base"] != res["heldout"]["per_shard"]["shard0"]   # the adapters do change the model
+
+    firsts = {seq[0] for seq in run.sequences}
+    apply_deletion(run, [sample_in(run, 1, sl) for sl in sorted(firsts)])          # shard 1 dies
+    capsys.readouterr()
+    assert main(["eval", str(run.dir), "--backend", "offline", "--tasks", "fx_split", "--include-path", fix,
+                 "--heldout", "0", "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["live_shards"] == [0] and set(res["tasks"]["fx_split"]["per_shard"]) == {"shard0"}
+    apply_deletion(run, [sample_in(run, 0, sl) for sl in sorted(firsts)])          # shard 0 dies too
+    capsys.readouterr()
+    assert main(["eval", str(run.dir), "--backend", "offline", "--tasks", "fx_split", "--include-path", fix]) == 2
+    assert "no live shard" in capsys.readouterr().err
+    assert main(["eval", str(run.dir), "--backend", "vllm", "--tasks", "fx_split", "--include-path", fix]) == 2
+    assert "not serving" in capsys.readouterr().err
+    # a bad task name is refused before any model is loaded, with the close matches
+    assert main(["eval", str(run.dir), "--backend", "offline", "--tasks", "s3t_arc_esay", "--base"]) == 2
+    assert "s3t_arc_easy" in capsys.readouterr().err

@@ -28,13 +28,14 @@ The package has fixed roles, one module each:
 - :mod:`.scorers` lm-eval's ``loglikelihood`` over transformers (+PEFT), the gateway / vLLM's completions API, or
   vLLM in process; :func:`heldout_loss`.
 - :mod:`.ensemble` metrics (lm-eval's acc / acc_norm / acc_bytes with their standard errors), the shard ensemble
-  (:func:`evaluate`) and the evaluation of a served run (:func:`evaluate_served`).
+  (:func:`evaluate`) and the evaluation of a run, served (:func:`evaluate_served`) or stored (:func:`evaluate_offline`).
 - :mod:`.audit` the unlearning audit: membership attacks with bootstrap CIs, PrivLeak, forget quality, verbatim
   memorisation (``s3t audit``, the deletion-stream experiment, the unlearning comparison).
 - :mod:`.report` the plots and tables that the demo and the experiment share (every point with its standard error).
 """
 
-from .ensemble import ensemble_probs, evaluate, evaluate_served, format_results, item_predictions
+from .ensemble import (ensemble_probs, evaluate, evaluate_offline, evaluate_served, format_results,
+                       item_predictions)
 from .scorers import (HFScorer, Scorer, TokenScorer, VLLMCompletionsScorer, VLLMOfflineScorer, encode_pair,
                       heldout_loss)
 from .tasks import (METRICS, Item, Task, TaskError, env_include_paths, export_lm_eval_task, list_tasks, load_task,
@@ -44,5 +45,5 @@ __all__ = [
     "METRICS", "TaskError", "Item", "Task", "Scorer", "TokenScorer", "HFScorer", "VLLMCompletionsScorer",
     "VLLMOfflineScorer", "list_tasks", "load_task", "load_tasks", "env_include_paths", "encode_pair", "heldout_loss",
     "evaluate", "ensemble_probs", "item_predictions", "format_results", "export_lm_eval_task", "run_lm_eval",
-    "evaluate_served",
+    "evaluate_served", "evaluate_offline",
 ]

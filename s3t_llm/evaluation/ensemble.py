@@ -202,9 +202,107 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
         scorers = {k: cached(sc, "vllm|" + content_key(run, adapters[k]), cache) for k, sc in scorers.items()}
         refs = {k: cached(sc, "vllm|base:" + str(run.info.get("base_fingerprint", run.model_path)), cache)
                 for k, sc in refs.items()}
-    from . import lm_tasks
+    loaded = load_tasks(list(tasks), limit=limit, seed=seed, include_path=include_path)   # all checked first
+    if cache is None:
+        h0 = m0 = 0
+    return _score_run(run, out, scorers, refs, loaded, heldout, progress, cache, h0, m0)
+
+
+class NoLiveShard(ValueError):
+    """A run with no live shard (every shard needs retraining) and no base reference asked for: nothing to score."""
+
+
+class _PeftAdapterScorer(TokenScorer):
+    """One adapter of a multi-adapter PEFT model (``None``: the base model, adapters disabled), scored through a
+    shared :class:`HFScorer`: one copy of the base weights in memory however many shards are scored."""
+
+    def __init__(self, hf, adapter: str | None):
+        self.hf, self.adapter = hf, adapter
+        self.tokenizer, self.max_length = hf.tokenizer, hf.max_length
+
+    def loglikelihood_tokens(self, pairs):
+        import contextlib
+
+        m = self.hf.model
+        if self.adapter is None:
+            ctx = m.disable_adapter() if hasattr(m, "disable_adapter") else contextlib.nullcontext()
+        else:
+            m.set_adapter(self.adapter)
+            ctx = contextlib.nullcontext()
+        with ctx:
+            return self.hf.loglikelihood_tokens(pairs)
+
+
+def evaluate_offline(run, *, tasks: Sequence[str] = ("arc_easy", "piqa"), limit: int | None = 50, heldout: int = 32,
+                     seed: int = 0, base: bool = False, progress: bool = False,
+                     include_path: str | Path | Sequence[str] | None = None, dtype: str = "float32",
+                     batch_size: int = 8, cache=None) -> dict:
+    """:func:`evaluate_served` without a server: each live shard's current prefix adapter (the ledger's routing,
+    :func:`s3t_llm.deletion.serving_plan`) scored in this process with transformers + PEFT (``dtype`` float32 by
+    default: the scores then equal ``lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER``).
+
+    The adapters are read under the run's writer lock (a deletion cannot remove one half-read) after the routing
+    is derived again from the ledger; an adapter the routing names but that is not on disk yet is materialised
+    from its blocks (checked against the ledger, as serving does). Tasks are loaded and checked first; a run with
+    no live shard raises :class:`NoLiveShard` unless ``base`` (then only the base model is scored)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..deletion import materialise_plan, serving_plan
+    from ..locking import writer_lock
+    from .scorers import HFScorer
 
     loaded = load_tasks(list(tasks), limit=limit, seed=seed, include_path=include_path)   # all checked first
+    max_len = max(512, run.config.data.max_length * 2) - 2
+    model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=getattr(torch, dtype))
+    with writer_lock(run.dir):
+        plan = serving_plan(run)
+        live = {s: e for s, e in sorted(plan.items()) if e is not None}
+        if not live and not base:
+            raise NoLiveShard(f"run {run.config.name}: no live shard (every shard needs retraining): nothing to "
+                              "score (pass --base to score the base model alone)")
+        routing = materialise_plan(run, live) if live else {}
+        if routing:
+            from peft import PeftModel
+
+            first = True
+            for s, e in routing.items():
+                if first:
+                    model = PeftModel.from_pretrained(model, e["path"], adapter_name=f"shard{s}")
+                    first = False
+                else:
+                    model.load_adapter(e["path"], adapter_name=f"shard{s}")
+    model.eval()
+    hf = HFScorer(model, AutoTokenizer.from_pretrained(run.model_path), batch_size=batch_size, max_length=max_len)
+    # PEFT names the adapters by shard (a module-dict key may not hold the dots of an adapter's name)
+    scorers = {f"shard{s}": _PeftAdapterScorer(hf, f"shard{s}") for s in routing}
+    refs = {"base": _PeftAdapterScorer(hf, None)} if base else {}
+    out: dict[str, Any] = {"backend": "offline", "dtype": dtype, "live_shards": sorted(routing),
+                           "adapters": {f"shard{s}": {"name": e["name"], "depth": e["depth"], "sha256": e["sha256"]}
+                                        for s, e in routing.items()},
+                           "depths": [plan[s]["depth"] if plan.get(s) else 0 for s in range(run.shards)],
+                           "tasks": {}, "heldout": {}}
+    h0 = m0 = 0
+    if not scorers:
+        out["note"] = "no live shard: every shard needs retraining; only the base reference is scored"
+    if cache is not None:
+        from ..experiment import cached, content_key
+
+        h0, m0 = cache.hits, cache.misses
+        key = f"offline-{dtype}|"
+        scorers = {k: cached(sc, key + content_key(run, out["adapters"][k]["name"]), cache)
+                   for k, sc in scorers.items()}
+        refs = {k: cached(sc, key + "base:" + str(run.info.get("base_fingerprint", run.model_path)), cache)
+                for k, sc in refs.items()}
+    return _score_run(run, out, scorers, refs, loaded, heldout, progress, cache, h0, m0)
+
+
+def _score_run(run, out: dict, scorers: dict, refs: dict, loaded: list, heldout: int, progress: bool, cache,
+               h0: int, m0: int) -> dict:
+    """The part of a run's evaluation that does not depend on the backend: the tasks (per shard, the ensemble,
+    lm-eval's own metrics), the base reference and the held-out loss."""
+    from . import lm_tasks
+
     if scorers:
         res = evaluate(scorers, loaded, progress=progress, return_samples=True)
         for name, tr in res["tasks"].items():
