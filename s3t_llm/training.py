@@ -40,6 +40,36 @@ __all__ = ["StageTrainer", "StaleStageError", "stage_plan", "train_run", "traini
 logger = logging.getLogger(__name__)
 
 
+# TRL's fused LM head (``SFTTrainer`` computes the loss with ``fused_lm_head=True``) projects only the positions
+# with a label on Triton devices, and every position elsewhere, so that XLA/Neuron tile shapes stay fixed. In
+# eager CPU PyTorch nothing recompiles, and the prompt and padding positions' projections (SmolLM2: 576 x 49152
+# per token, about 8 decoder layers' worth, forward and backward) are pure waste: the masked positions' outputs
+# are zeroed anyway, so the loss and every gradient are the same sums over the same labelled positions (float
+# rounding aside: a different tiling of the same rows). COMPACT_LM_HEAD = False restores TRL's CPU behaviour.
+COMPACT_LM_HEAD = True
+
+
+@contextlib.contextmanager
+def _compact_lm_head():
+    """While TRL trains: its fused LM head scores only the labelled positions on CPU too (see COMPACT_LM_HEAD)."""
+    try:
+        import trl.trainer.utils as tu
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    orig = getattr(tu, "_use_triton", None)
+    if not COMPACT_LM_HEAD or orig is None:   # an older/newer TRL without the switch: leave it alone
+        yield
+        return
+    # Only the `compact` decision of add_fused_lm_head reads this name in trl.trainer.utils; the kernels module
+    # keeps its own reference, so the CPU kernels still run on CPU.
+    tu._use_triton = lambda device: device.type == "cpu" or orig(device)
+    try:
+        yield
+    finally:
+        tu._use_triton = orig
+
+
 def stage_seed(seed: int, shard: int, prefix) -> int:
     h = hashlib.sha256(f"s3t-stage:{seed}:{shard}:{'-'.join(map(str, prefix))}".encode()).hexdigest()
     return int(h[:8], 16) % (2**31 - 1)
@@ -409,7 +439,7 @@ class StageTrainer:
             fill_s = time.perf_counter() - t0
         setup_s = time.perf_counter() - t_setup - fill_s
         t0 = time.perf_counter()
-        with ctx:
+        with ctx, _compact_lm_head():
             out = trainer.train()
         seconds = time.perf_counter() - t0
         self.last_fit = {"setup_s": setup_s, "cache_fill_s": fill_s, "train_s": seconds, "cache_layer": used_layer,

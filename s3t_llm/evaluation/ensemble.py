@@ -186,6 +186,7 @@ def evaluate_served(run, gateway_url: str, *, tasks: Sequence[str] = ("arc_easy"
         tok = sc.tokenizer
         scorers[f"shard{s['shard']}"] = sc
     out: dict[str, Any] = {"live_shards": [s["shard"] for s in live],
+                           "adapters": {f"shard{s['shard']}": {"name": s["adapter"], "depth": s["depth"]} for s in live},
                            "depths": [s["depth"] for s in state["shards"]], "tasks": {}, "heldout": {}}
     refs = {}
     if base_url:
