@@ -332,3 +332,42 @@ def test_the_recipes_ray_section_is_checked_and_the_command_line_wins():
             load_config(RECIPES + "/cpu_smollm2.yaml", [bad])
     with pytest.raises(ValueError, match="--ray-workers=0"):
         ray_options(cfg.ray, workers=0)
+
+
+def test_the_compact_lm_head_gives_trls_own_cpu_loss_and_gradients_bit_for_bit(tiny_llama):
+    """training._compact_lm_head makes TRL's fused LM head project only the labelled positions on CPU: the loss
+    and the gradients into the inputs must be exactly those of TRL's own every-position CPU path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from s3t_llm import training
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
+    for q in m.parameters():
+        q.requires_grad_(False)
+    ids = torch.randint(0, m.config.vocab_size, (3, 40))
+    lab = ids.clone()
+    lab[:, :15] = -100
+    lab[1:, 30:] = -100
+    got = {}
+    calls = []
+    import trl.trainer.utils as tu
+
+    orig = tu._use_triton
+    for mode in (False, True):
+        training.COMPACT_LM_HEAD = mode
+        try:
+            with training._compact_lm_head():
+                calls.append(tu._use_triton(torch.device("cpu")))
+                x = m.get_input_embeddings()(ids).detach().requires_grad_(True)
+                out = m(inputs_embeds=x, labels=lab, fused_lm_head=True)
+                out.loss.backward()
+                got[mode] = (out.loss.detach(), x.grad.clone())
+        finally:
+            training.COMPACT_LM_HEAD = True
+    assert calls == [False, True] and tu._use_triton is orig   # the switch took effect, and was undone
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+    assert got[True][1].abs().sum() > 0
