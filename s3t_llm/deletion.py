@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,9 +53,20 @@ class CrashPoint(BaseException):
     """Raised instead of SIGKILL when ``S3T_CRASH_MODE=raise`` (in-process fault injection in tests)."""
 
 
+_steps = threading.local()  # per thread: when the request being applied passed each step (the certificate's "steps")
+
+
+def _start_steps() -> None:
+    _steps.t0, _steps.marks = time.time(), {}
+
+
 def _crash_point(step: str) -> None:
-    """Test hook: kill this process (SIGKILL, no clean-up) right after ``step`` when ``S3T_CRASH_AT=<step>``,
-    or when the file named by ``S3T_CRASH_FILE`` holds ``<step>`` (for a long-running server)."""
+    """Every step of a request passes here: its time since the request reached this process is kept for the
+    certificate (``steps``, seconds) and logged. Test hook: kill this process (SIGKILL, no clean-up) right after
+    ``step`` when ``S3T_CRASH_AT=<step>``, or when the file named by ``S3T_CRASH_FILE`` holds ``<step>``."""
+    if getattr(_steps, "marks", None) is not None:
+        _steps.marks[step] = round(time.time() - _steps.t0, 4)
+        logger.info("deletion step %s at +%.3f s", step, _steps.marks[step])
     target = os.environ.get("S3T_CRASH_AT")
     crash_file = os.environ.get("S3T_CRASH_FILE")
     if not target and crash_file and os.path.exists(crash_file):
@@ -378,6 +390,8 @@ def _complete(run: Run, led, request_id: str, backend: Backend | None) -> dict:
                             "there too, or re-registering them keeps them deleted (tombstones) but the file "
                             "still holds them"},
         "dead_shards": [s for s, e in routing.items() if e is None],
+        # Seconds since this process took up the request, per step (this attempt only; empty in a recovery).
+        "steps": dict(getattr(_steps, "marks", None) or {}),
     }
     cert = json.loads(json.dumps(cert))  # exactly what the file holds (string keys), for every caller
     _write_atomic(cert_file, cert)
@@ -404,16 +418,22 @@ def apply_deletion(run: Run, sample_ids: list[str], *, backend: Backend | None =
     if request_id is not None:
         check_request_id(request_id)
     # Journaling holds the writer lock too: nothing moves the ledger between a request's plan and certificate.
-    with hold(run.dir, "delete") if backend is None else contextlib.nullcontext(), writer_lock(run.dir):
-        context = {"served_at_receipt": _jsonable(backend.served())} if backend else None
-        with run.ledger() as led:
-            req = led.journal_deletion(DATASET, list(sample_ids), request_id=request_id, also=run.datasets()[1:],
-                                       context=context)
-            led.checkpoint()  # the erased record's old page leaves the WAL and the database file now
-        _crash_point("journaled")
-        if not req.newly_deleted:
-            logger.info("request %s: every sample was already deleted; nothing changes", req.request_id)
-        return complete_request(run, req.request_id, backend)
+    _start_steps()
+    try:
+        with hold(run.dir, "delete") if backend is None else contextlib.nullcontext(), writer_lock(run.dir):
+            _crash_point("locked")
+            context = {"served_at_receipt": _jsonable(backend.served())} if backend else None
+            with run.ledger() as led:
+                req = led.journal_deletion(DATASET, list(sample_ids), request_id=request_id, also=run.datasets()[1:],
+                                           context=context)
+                _crash_point("recorded")
+                led.checkpoint()  # the erased record's old page leaves the WAL and the database file now
+            _crash_point("journaled")
+            if not req.newly_deleted:
+                logger.info("request %s: every sample was already deleted; nothing changes", req.request_id)
+            return complete_request(run, req.request_id, backend)
+    finally:
+        _steps.marks = None  # a later recovery in this thread reports no steps of its own
 
 
 def publish(run: Run, backend: Backend | None = None, reason: str = "publish") -> tuple[dict, dict | None]:

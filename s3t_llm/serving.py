@@ -1853,7 +1853,7 @@ class Gateway:
                     "newly_deleted": len(cert["newly_deleted"]), "served_changes": cert["served_changes"],
                     "dead_shards": cert["dead_shards"], "deletion_to_effect_seconds": cert["deletion_to_effect_seconds"],
                     "certificate": str(Path(self.run.dir) / "certificates" / f"{cert['request_id']}.json"),
-                    "switch_report": cert["switch_report"],
+                    "switch_report": cert["switch_report"], "steps": cert.get("steps"),
                     "acknowledged_at": time.time()}  # no cut relay's last_event_at is later than this
 
         @app.on_event("startup")
