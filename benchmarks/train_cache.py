@@ -9,7 +9,7 @@ Both runs train the same recipe (same data, seed, plan) from scratch in this pro
 ``train.cache_activations`` false / true; the wall time includes the base-model load. Per stage it reports the
 set-up (tokenisation, Trainer construction), the cache fill (the frozen lower-stack forwards, per (shard, slice)
 cell in the cell's canonical batches of train.batch_size, each cell once up to the highest boundary it is needed at) and
-``train()`` (forward + backward + optimizer; not separable without instrumenting the Trainer's loop), and how far
+``train()`` split into forward, backward and optimizer (``training._time_phases``), and how far
 the losses of the two runs are apart. Next to it: the cost model of ``benchmarks/plan_compute.py``
 (``cache_cost``) for the same plan.
 """
@@ -86,6 +86,12 @@ def main(argv=None) -> int:
     setup_off = md("off", lambda r: sum(b["setup_s"] for b in r["summary"]["blocks"]))
     setup_on = md("on", lambda r: sum(b["setup_s"] for b in r["summary"]["blocks"]))
 
+    def phases(b: dict) -> str:
+        return " / ".join(f"{b[k]:.1f}" for k in ("forward_s", "backward_s", "optimizer_s")) if "forward_s" in b else "-"
+
+    def phase_sum(k: str, key: str) -> float:
+        return md(k, lambda r: sum(b.get(key, 0.0) for b in r["summary"]["blocks"]))
+
     # Per stage (first repeat of each), with the loss difference.
     off0, on0 = res["off"][0], res["on"][0]
     rows, rels = [], []
@@ -95,7 +101,8 @@ def main(argv=None) -> int:
         rels.append(abs(lo - ln) / abs(lo))
         rows.append([f"s{key[0]} p{'-'.join(map(str, key[1]))}", on0["mans"][key]["n_used"],
                      b_on["cache_layer"], f"{b_off['setup_s']:.2f}", f"{b_off['seconds']:.1f}",
-                     f"{b_on['setup_s']:.2f}", f"{b_on['cache_fill_s']:.2f}", f"{b_on['seconds']:.1f}",
+                     phases(b_off),
+                     f"{b_on['setup_s']:.2f}", f"{b_on['cache_fill_s']:.2f}", f"{b_on['seconds']:.1f}", phases(b_on),
                      f"{b_off['seconds'] / max(b_on['seconds'] + b_on['cache_fill_s'], 1e-9):.2f}",
                      f"{abs(lo - ln) / abs(lo):.1e}"])
     from plan_compute import cache_cost
@@ -123,6 +130,10 @@ def main(argv=None) -> int:
             ["sum of cache fill s", "0", f"{fill_on:.1f}", ""],
             ["sum of train() + fill s", f"{tr_off:.1f}", f"{tr_on + fill_on:.1f}", f"{tr_off / (tr_on + fill_on):.2f}x"],
             ["sum of stage set-up s (tokenise + Trainer)", f"{setup_off:.1f}", f"{setup_on:.1f}", ""],
+            *[[f"  of train(): {what} s", f"{phase_sum('off', key):.1f}", f"{phase_sum('on', key):.1f}",
+               f"{phase_sum('off', key) / max(phase_sum('on', key), 1e-9):.2f}x"]
+              for what, key in (("forward (compute_loss)", "forward_s"), ("backward", "backward_s"),
+                                ("clipping + optimizer", "optimizer_s"))],
             ["cost model (plan_compute.cache_cost), layer-passes", f"{cc['uncached']:.0f}",
              f"{cc['cached']:.0f} (fill {cc['fill']:.0f})", f"{cc['uncached'] / cc['cached']:.2f}x"],
             ["process peak RSS MiB after the run", f"{md('off', lambda r: r['maxrss_mib']):.0f}",
@@ -131,9 +142,12 @@ def main(argv=None) -> int:
         "Per stage (first pair): `set-up` = tokenisation + Trainer construction, `fill` = the frozen lower-stack "
         "forwards for the stage's slices not yet cached (each slice once, in its canonical batches, up to the highest "
         "boundary the plan needs it at), `train()` = "
-        "forward + backward + optimizer steps. Loss rel. diff = |loss off - loss on| / loss off (stage mean loss).", "",
-        C.md_table(["stage", "samples", "cache layer", "off set-up s", "off train() s", "on set-up s", "on fill s",
-                    "on train() s", "off / (on train+fill)", "loss rel. diff"], rows), "",
+        "forward + backward + optimizer steps (+ data loading and logging), of which `fwd` = the trainer's "
+        "compute_loss (model forward, TRL's loss and token metrics), `bwd` = accelerator.backward, `opt` = "
+        "clipping + optimizer + scheduler steps + zero_grad. Loss rel. diff = |loss off - loss on| / loss off (stage mean loss).", "",
+        C.md_table(["stage", "samples", "cache layer", "off set-up s", "off train() s", "off fwd / bwd / opt s",
+                    "on set-up s", "on fill s", "on train() s", "on fwd / bwd / opt s", "off / (on train+fill)",
+                    "loss rel. diff"], rows), "",
         f"Largest stage-loss relative difference, cache on vs off: {max(rels):.1e} over {len(rels)} stages.",
     ])
     C.write_result(text + "\n", args.out)

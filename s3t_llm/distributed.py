@@ -627,7 +627,8 @@ def _drive(run: Run, *, shards, sequences, precision, progress, threads, gpus_pe
                                           "seconds": round(man["seconds"], 2),
                                           "setup_s": round(fit.get("setup_s", 0.0), 3),
                                           "cache_fill_s": round(fit.get("cache_fill_s", 0.0), 3),
-                                          "cache_layer": fit.get("cache_layer")})
+                                          "cache_layer": fit.get("cache_layer"),
+                                          **{k: fit[k] for k in ("forward_s", "backward_s", "optimizer_s") if k in fit}})
                 summary["where"].append({"stage": _key_str(key), "shard": key[0], "prefix": list(key[1]),
                                          "node": res["node"], "ip": res["ip"], "pid": res["pid"],
                                          "attempt": res["attempt"], "task_id": res["task_id"],

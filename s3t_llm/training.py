@@ -70,6 +70,44 @@ def _compact_lm_head():
         tu._use_triton = orig
 
 
+def _time_phases(trainer) -> dict:
+    """Seconds of ``train()`` by phase, filled while it runs (CPU wall clock: on a GPU, asynchronous kernels land
+    in whichever phase synchronises next): ``forward_s`` (the trainer's ``compute_loss``: the model's forward and
+    TRL's loss and token metrics), ``backward_s`` (``accelerator.backward``), ``optimizer_s`` (from the end of an
+    optimizer step's last backward to ``on_step_end``: gradient clipping, the optimizer and scheduler steps,
+    zero_grad; under DeepSpeed the engine steps inside ``backward``, so it counts there); the rest of ``train()``
+    is data loading, logging and the Trainer's own set-up. The wraps are attributes of this trainer only (its
+    Accelerator is its own)."""
+    from transformers import TrainerCallback
+
+    t = {"forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+    last_backward_end = [None]
+
+    def timed(fn, key):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                now = time.perf_counter()
+                t[key] += now - t0
+                if key == "backward_s":
+                    last_backward_end[0] = now
+        return call
+
+    trainer.compute_loss = timed(trainer.compute_loss, "forward_s")
+    trainer.accelerator.backward = timed(trainer.accelerator.backward, "backward_s")
+
+    class _Optim(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # after the optimizer step (substeps: on_substep_end)
+            if last_backward_end[0] is not None:
+                t["optimizer_s"] += time.perf_counter() - last_backward_end[0]
+                last_backward_end[0] = None
+
+    trainer.add_callback(_Optim())
+    return t
+
+
 def stage_seed(seed: int, shard: int, prefix) -> int:
     h = hashlib.sha256(f"s3t-stage:{seed}:{shard}:{'-'.join(map(str, prefix))}".encode()).hexdigest()
     return int(h[:8], 16) % (2**31 - 1)
@@ -438,12 +476,14 @@ class StageTrainer:
                                      cfg.train.gradient_checkpointing)
             fill_s = time.perf_counter() - t0
         setup_s = time.perf_counter() - t_setup - fill_s
+        phases = _time_phases(trainer)
         t0 = time.perf_counter()
         with ctx, _compact_lm_head():
             out = trainer.train()
         seconds = time.perf_counter() - t0
         self.last_fit = {"setup_s": setup_s, "cache_fill_s": fill_s, "train_s": seconds, "cache_layer": used_layer,
-                         "log": [dict(x) for x in trainer.state.log_history]}
+                         "log": [dict(x) for x in trainer.state.log_history],
+                         **{k: round(v, 4) for k, v in phases.items()}}
         del trainer  # drops the optimizer state: it never outlives the stage
         return out, n_used, n_tokens, seconds
 
@@ -693,7 +733,8 @@ def _train_stages(run: Run, trainer: StageTrainer, todo, summary: dict, progress
         summary["blocks"].append({"shard": shard, "prefix": list(prefix), "loss": man["train_loss"],
                                   "seconds": round(man["seconds"], 2), "setup_s": round(lf.get("setup_s", 0.0), 3),
                                   "cache_fill_s": round(lf.get("cache_fill_s", 0.0), 3),
-                                  "cache_layer": lf.get("cache_layer")})
+                                  "cache_layer": lf.get("cache_layer"),
+                                  **{k: lf[k] for k in ("forward_s", "backward_s", "optimizer_s") if k in lf}})
         bar.set_postfix_str(f"shard {shard} prefix {'-'.join(map(str, prefix))} loss {man['train_loss']:.3f}")
     return summary
 

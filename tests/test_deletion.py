@@ -51,7 +51,8 @@ def disk_state(run):
 
 
 def cert_core(cert):
-    drop = {"received_at", "planned_at", "effective_at", "deletion_to_effect_seconds", "switch_seconds", "run"}
+    drop = {"received_at", "planned_at", "effective_at", "deletion_to_effect_seconds", "switch_seconds", "run",
+            "steps"}  # timings; a recovered request's certificate records none
     out = {k: v for k, v in cert.items() if k not in drop}
     out["destroyed"] = sorted((a["kind"], a["sha256"]) for a in cert["destroyed"])
     out["erasure"] = {k: v for k, v in cert["erasure"].items() if k != "ledger"}

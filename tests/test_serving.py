@@ -199,6 +199,55 @@ def test_served_per_shard_choice_loglikelihoods_agree_with_peft_within_the_bf16_
     assert n_choices == 2 * sum(len(it.requests) for t in tasks for it in t.items) > 0 and worst <= 1.0
 
 
+def test_lm_evals_own_client_scores_a_served_adapter_by_name_like_s3t_eval(served):
+    """README's recipe for lm-eval itself against a served run, run as written (`lm_eval --model local-completions
+    --include_path eval/lm_tasks --tasks s3t_piqa --batch_size 1 --model_args model=ADAPTER,base_url=GATEWAY/v1/
+    completions,tokenizer=BASE,tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1`, through
+    simple_evaluate): one lm-eval run per served adapter name keeps every choice of an item on that shard. Its
+    per-choice log-likelihoods equal our vLLM scorer's on the same docs (same server, same adapter), and the
+    gateway's /metrics counts every one of its requests on that shard at its served depth."""
+    import lm_eval
+
+    from s3t_llm.evaluation import VLLMCompletionsScorer, evaluate
+    from s3t_llm.evaluation import lm_tasks
+
+    url = served["url"]
+    live = [s for s in state(url)["shards"] if s["adapter"]]
+    name = live[0]["adapter"]
+    tasks = lm_tasks.load_lm_tasks(["s3t_piqa"], limit=6, seed=None)
+    ours = evaluate({"s": VLLMCompletionsScorer(url, name, tokenizer=str(served["model"]), batch_size=1)}, tasks,
+                    progress=False, return_samples=True)
+    shard, depth = str(live[0]["shard"]), str(live[0]["depth"])
+    before = routed(url, shard, depth)
+    res = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"model={name},base_url={url}/v1/completions,tokenizer={served['model']},"
+                   "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=1,num_concurrent=1",
+        tasks=["s3t_piqa"], task_manager=lm_tasks.task_manager(include_defaults=False), limit=6, batch_size=1,
+        log_samples=True, bootstrap_iters=0)
+    after = routed(url, shard, depth)
+    theirs = {x["doc_id"]: [float(r[0]) for r in x["filtered_resps"]] for x in res["samples"]["s3t_piqa"]}
+    mine = {x["index"]: x["lls"]["s"] for x in ours["samples"]["s3t_piqa"]}
+    assert sorted(theirs) == sorted(mine) and len(mine) == 6
+    worst = max(abs(a - b) for i in mine for a, b in zip(mine[i], theirs[i]))
+    assert worst <= 1e-3, (worst, mine, theirs)
+    acc = sum(max(range(len(v)), key=v.__getitem__) == tasks[0].items[k].gold
+              for k, v in enumerate(theirs[it.index] for it in tasks[0].items)) / 6
+    assert abs(float(res["results"]["s3t_piqa"]["acc,none"]) - acc) < 1e-9
+    sent = sum(len(it.requests) for it in tasks[0].items)  # one request per choice, batch size 1
+    assert after - before == sent, (before, after, sent)  # all of them routed to that shard's adapter
+
+
+def routed(url: str, shard: str, depth: str) -> float:
+    """The gateway's /metrics counter of requests routed to ``shard`` at served ``depth``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url + "/metrics", timeout=30).text
+    return sum(smp.value for fam in text_string_to_metric_families(text) if fam.name == "s3t_requests"
+               for smp in fam.samples if smp.name == "s3t_requests_total" and smp.labels.get("shard") == shard
+               and smp.labels.get("depth") == depth)
+
+
 def test_bad_deletion_requests_change_nothing(served):
     url, run, token = served["url"], served["run"], served["token"]
     with run.ledger() as led:

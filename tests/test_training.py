@@ -81,6 +81,9 @@ def test_exported_prefix_adapter_reloads_with_equal_logits(tmp_path, tiny_llama,
     run = Run.create(make_cfg(tmp_path, tiny_llama, data))
     summary = train_run(run, progress=False)
     assert summary["stages_trained"] == 3
+    for b in summary["blocks"]:  # train() by phase (benchmarks/train_cache.py reports it): measured, within train()
+        assert b["forward_s"] > 0 and b["backward_s"] > 0 and b["optimizer_s"] > 0, b
+        assert b["forward_s"] + b["backward_s"] + b["optimizer_s"] <= b["seconds"] + 0.01, b
     seq = tuple(run.sequences[0])
     tr = StageTrainer(run)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8]])

@@ -180,6 +180,15 @@ def export_lm_eval_task(task: Task, out_dir: str | Path, *, task_name: str | Non
     return name
 
 
+def _prepends_bos(tokenizer_path: str) -> bool:
+    """Whether this tokenizer's ``encode`` starts a text with its BOS token (Llama's do; SmolLM2's does not)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    ids = tok.encode("a")
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
+
+
 def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: Any = "hf", pretrained: str | None = None,
                 peft: str | None = None, dtype: str = "float32", base_url: str | None = None,
                 model_name: str | None = None, tokenizer: str | None = None, model_args: str | dict | None = None,
@@ -219,6 +228,10 @@ def run_lm_eval(tasks: Iterable[Task | str | Mapping], *, model: Any = "hf", pre
                     url = (url if url.endswith("/v1") else url + "/v1") + "/completions"
                 model_args = (f"model={model_name},base_url={url},tokenizer={tokenizer or pretrained},"
                               "tokenizer_backend=huggingface,tokenized_requests=True,max_retries=3")
+                if _prepends_bos(tokenizer or pretrained):
+                    # lm-eval's API models encode without special tokens unless told; our scorers (and its hf
+                    # model) condition on BOS where the tokenizer adds one (Llama): the same prompts only so.
+                    model_args += ",add_bos_token=True"
             else:
                 raise ValueError(f"run_lm_eval: give model_args= for model type {model!r}")
         if device is None and isinstance(model, str) and model == "hf":
