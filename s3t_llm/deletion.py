@@ -427,7 +427,9 @@ def apply_deletion(run: Run, sample_ids: list[str], *, backend: Backend | None =
                 req = led.journal_deletion(DATASET, list(sample_ids), request_id=request_id, also=run.datasets()[1:],
                                            context=context)
                 _crash_point("recorded")
-                led.checkpoint()  # the erased record's old page leaves the WAL and the database file now
+                # The erased record's old page leaves the WAL now if no reader holds an old snapshot; never wait for
+                # one here (the deletion's effect would wait with it): erase() after the switch must succeed.
+                led.checkpoint(wait=False)
             _crash_point("journaled")
             if not req.newly_deleted:
                 logger.info("request %s: every sample was already deleted; nothing changes", req.request_id)

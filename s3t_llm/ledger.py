@@ -951,13 +951,22 @@ class Ledger:
                 self._tkey = f.read_text().strip()
         return self._tkey
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, wait: bool = True) -> bool:
         """Copy the WAL into the database and truncate it (cheap; ``secure_delete`` already zeroed erased
-        bytes in the new pages). False when other readers kept it from completing (``erase`` retries)."""
+        bytes in the new pages). False when other readers kept it from completing (``erase`` retries).
+        ``wait=False``: do not wait for readers at all (a TRUNCATE checkpoint otherwise waits up to the
+        connection's busy timeout, 30 s, for each one holding an old snapshot)."""
+        old = None
         try:
+            if not wait:
+                old = self._con.execute("PRAGMA busy_timeout").fetchone()[0]
+                self._con.execute("PRAGMA busy_timeout=0")
             return self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
         except sqlite3.OperationalError:
             return False
+        finally:
+            if old is not None:
+                self._con.execute(f"PRAGMA busy_timeout={int(old)}")
 
     def tombstone_matches(self, name: str, sample_id: str, record: dict) -> bool:
         """Whether ``record`` is the deleted sample's record (its keyed HMAC equals the tombstone's)."""

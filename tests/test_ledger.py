@@ -89,6 +89,24 @@ def test_open_creates_wal_db_with_schema(db):
         pass
 
 
+def test_a_checkpoint_that_must_not_wait_returns_at_once_while_a_reader_holds_an_old_snapshot(db):
+    """A deletion checkpoints right after journaling with wait=False: a reader holding an old snapshot must not
+    make it wait (a TRUNCATE checkpoint otherwise waits the busy timeout, 30 s); erase() later must succeed."""
+    with Ledger(db) as led:
+        led._con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        reader = sqlite3.connect(str(db), isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM meta").fetchone()  # holds its snapshot until COMMIT
+        led._con.execute("INSERT INTO t VALUES (1)")
+        t0 = time.perf_counter()
+        assert led.checkpoint(wait=False) is False
+        assert time.perf_counter() - t0 < 2.0
+        assert led._con.execute("PRAGMA busy_timeout").fetchone()[0] == 30000  # restored
+        reader.execute("COMMIT")
+        reader.close()
+        assert led.checkpoint(wait=False) is True
+
+
 def test_open_non_database_is_ledger_error(tmp_path):
     p = tmp_path / "junk.sqlite"
     p.write_bytes(b"this is not sqlite" * 100)
