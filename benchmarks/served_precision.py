@@ -129,8 +129,9 @@ def main(argv=None) -> int:
         # ("einsum(): subscript b has size ..."), the limit s3t eval's served path works around the same way.
         lora = LoRARequest(e["name"], 1, str(adapter))
         scores[f"vllm {short}"] = [x for x, _ in VLLMOfflineScorer(llm, lora, batch_size=1).loglikelihood(pairs)]
-        if dtype == "bfloat16":
-            scores["vllm bf16 base"] = [x for x, _ in VLLMOfflineScorer(llm).loglikelihood(pairs)]
+        keep()
+        if dtype == "bfloat16":  # the same engine (LoRA enabled): one prompt per call as well
+            scores["vllm bf16 base"] = [x for x, _ in VLLMOfflineScorer(llm, batch_size=1).loglikelihood(pairs)]
         seconds[f"vllm {short}"] = time.time() - t0
         keep()
         print(f"vllm {dtype}: {seconds[f'vllm {short}']:.0f} s (start-up included)", flush=True)
