@@ -30,6 +30,19 @@ def fake_vllm_app(engine: "SocketFake"):
 
     from s3t_llm.vllm_ext import S3TMiddleware
 
+    class _EngineStream(StreamingResponse):
+        """A stream whose request leaves the fake engine when its handler ends, however it ends. A cut that
+        cancels the handler while it awaits ``send`` leaves the generator suspended at a ``yield``: its
+        ``finally`` (the engine's abort) would otherwise run only when the garbage collector finalises it, which
+        a CI run saw take over 10 s (the gateway then, rightly, fenced the replica: the fake, not the gateway,
+        was slow). Real vLLM's abort on a cut is checked by test_serving_guarantees.py and test_replicas_vllm.py."""
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+
     app = FastAPI()
     app.add_middleware(S3TMiddleware)
     states: dict = {}
@@ -72,7 +85,7 @@ def fake_vllm_app(engine: "SocketFake"):
                     raise
                 finally:
                     states.pop(rid, None)
-            return StreamingResponse(gen(), media_type="text/event-stream")
+            return _EngineStream(gen(), media_type="text/event-stream")
 
         async def work():
             for _ in range(n):
